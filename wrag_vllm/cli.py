@@ -1,0 +1,236 @@
+"""`wrag`: the command line over a shard store.
+
+    wrag add PATH [--id ID] [--description TEXT] [--samples FILE]   shard file or PEFT directory
+    wrag extract --base DIR --finetuned DIR --id ID (--rank R | --energy E)
+    wrag ls | show ID | rm ID | search TEXT [-k N] | export ID --out DIR
+    wrag merge / train / serve / demo                                 (registered by their modules)
+
+Every command takes --store PATH (default $WRAG_STORE, else ~/.local/share/wrag/store) and --json.
+User errors print `error: ...` and exit 2; the store is left as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import WragError
+
+# Modules that add their own subcommands through register_cli(sub).
+PLUGGED_COMMANDS = ("wrag_vllm.compose.cli", "wrag_vllm.train", "wrag_vllm.serving.cli", "wrag_vllm.demo")
+
+
+def default_store() -> str:
+    return os.environ.get("WRAG_STORE") or str(Path.home() / ".local/share/wrag/store")
+
+
+def _open(args):
+    from .store import ShardStore
+
+    return ShardStore(args.store)
+
+
+def _print(args, obj, text: str) -> None:
+    print(json.dumps(obj, indent=2, default=str) if args.json else text)
+
+
+def _read_samples(path: str | None) -> list[str]:
+    if not path:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise WragError(f"samples file not found: {path}")
+    raw = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+    chunks = [c.strip() for c in raw.split("\n\n")]  # paragraphs separated by blank lines
+    return [c for c in chunks if c]
+
+
+# ------------------------------------------------------------------ commands
+def cmd_add(args) -> int:
+    from .peft_io import import_peft
+    from .shard import load_shard
+
+    store = _open(args)
+    path = Path(args.path)
+    samples = _read_samples(args.samples)
+    if path.is_dir():
+        base = store.base
+        if base is None:
+            if not args.base:
+                raise WragError("the store has no base model yet: pass --base MODEL_DIR so the PEFT "
+                                "adapter can be checked against the model it was trained for")
+            from .fingerprint import fingerprint_dir
+            base = fingerprint_dir(args.base)
+        shard = import_peft(path, base, shard_id=args.id, description=args.description or "",
+                            samples=samples, allow_attention=args.allow_attention)
+    elif path.is_file():
+        shard = load_shard(path, allow_attention=args.allow_attention)
+        if args.id:
+            shard.id = args.id
+        if args.description:
+            shard.description = args.description
+        if samples:
+            shard.samples = samples
+    else:
+        raise WragError(f"no such shard file or PEFT directory: {path}")
+    row = store.add(shard, allow_attention=args.allow_attention)
+    _print(args, row, f"added {row['id']} (rank {shard.rank}, {len(shard.factors)} projections, "
+                      f"{shard.nbytes() / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .extract import extract
+
+    shard, report = extract(args.base, args.finetuned, args.id, rank=args.rank, energy=args.energy,
+                            max_rank=args.max_rank, description=args.description or "",
+                            samples=_read_samples(args.samples))
+    if args.out:
+        shard.save(args.out)
+        where = f"wrote {args.out}"
+    else:
+        _open(args).add(shard)
+        where = f"added {shard.id} to {args.store}"
+    rows = [r.__dict__ for r in report]
+    text = "\n".join(f"layer {r.layer:3d} {r.module:9s} rank {r.rank:3d} energy kept {r.energy_kept:.3f}"
+                     for r in report)
+    _print(args, {"id": shard.id, "layers": rows}, f"{text}\n{where}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    rows = _open(args).list()
+    text = "\n".join(f"{r['id']:24s} r={r.get('rank', '?'):<3} {str(r.get('description', ''))[:70]}"
+                     for r in rows) or "(store is empty)"
+    _print(args, rows, text)
+    return 0
+
+
+def cmd_show(args) -> int:
+    meta = _open(args).get_meta(args.id)
+    _print(args, meta, "\n".join(f"{k}: {v}" for k, v in meta.items()))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    _open(args).remove(args.id)
+    _print(args, {"removed": args.id}, f"removed {args.id}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    if args.k < 1:
+        raise WragError("-k must be at least 1")
+    hits = _open(args).search(args.text, k=args.k)
+    rows = [{"id": i, "score": round(s, 4)} for i, s in hits]
+    _print(args, rows, "\n".join(f"{s:7.4f}  {i}" for i, s in hits) or "(no shards)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .peft_io import export_peft
+
+    out = export_peft(_open(args).load(args.id), args.out)
+    _print(args, {"id": args.id, "out": str(out)}, f"exported {args.id} as a PEFT adapter to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    def common_options(defaults: bool) -> argparse.ArgumentParser:
+        # Subcommands repeat the options with SUPPRESS defaults, so `wrag --store X ls` and
+        # `wrag ls --store X` both work (a subparser default would otherwise overwrite X).
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--store", default=default_store() if defaults else argparse.SUPPRESS,
+                       help="store folder (default: $WRAG_STORE or ~/.local/share/wrag/store)")
+        p.add_argument("--json", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                       help="machine-readable output")
+        return p
+
+    common = common_options(defaults=False)
+    parser = argparse.ArgumentParser(prog="wrag", description="Weight-Retrieval-Augmented Generation: "
+                                     "a store of low-rank FFN shards, composed per request, served by vLLM.",
+                                     parents=[common_options(defaults=True)])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help):
+        p = sub.add_parser(name, help=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add("add", cmd_add, "register a shard file or a PEFT LoRA adapter directory")
+    p.add_argument("path")
+    p.add_argument("--id")
+    p.add_argument("--description")
+    p.add_argument("--samples", help="text file (paragraphs separated by blank lines) or .jsonl with 'text'")
+    p.add_argument("--base", help="base model folder (needed for a PEFT adapter when the store is empty)")
+    p.add_argument("--allow-attention", action="store_true",
+                   help="research only: accept attention targets (they are never served)")
+
+    p = add("extract", cmd_extract, "extract a shard from a full fine-tune (ΔW = W_ft − W_base, truncated SVD)")
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", required=True)
+    p.add_argument("--id", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--rank", type=int)
+    g.add_argument("--energy", type=float, help="keep this fraction of each ΔW's energy (0-1]")
+    p.add_argument("--max-rank", type=int, default=64)
+    p.add_argument("--description")
+    p.add_argument("--samples")
+    p.add_argument("--out", help="write the shard file here instead of adding it to the store")
+
+    add("ls", cmd_ls, "list shards")
+    p = add("show", cmd_show, "show one shard's metadata")
+    p.add_argument("id")
+    p = add("rm", cmd_rm, "remove a shard")
+    p.add_argument("id")
+    p = add("search", cmd_search, "which shards a text retrieves")
+    p.add_argument("text")
+    p.add_argument("-k", type=int, default=5)
+    p = add("export", cmd_export, "write a shard as a PEFT LoRA adapter directory")
+    p.add_argument("id")
+    p.add_argument("--out", required=True)
+
+    for mod in PLUGGED_COMMANDS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and mod.startswith(e.name):
+                continue  # that part is not installed in this build
+            raise
+        m.register_cli(_WithCommon(sub, common))
+    return parser
+
+
+class _WithCommon:
+    """Subparsers that give every plugged-in command the common --store/--json options."""
+
+    def __init__(self, sub, common):
+        self._sub, self._common = sub, common
+
+    def add_parser(self, name, **kw):
+        kw["parents"] = [self._common, *kw.get("parents", [])]
+        return self._sub.add_parser(name, **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "extract" and args.rank is None and args.energy is None:
+        args.rank = 16
+    try:
+        return int(args.func(args) or 0)
+    except WragError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
