@@ -1,0 +1,65 @@
+"""Fails loudly when a vLLM upgrade moves a symbol WRAG couples to (see serving/vllm_hooks.py)."""
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import entry_points
+
+import pytest
+
+
+def test_every_coupled_vllm_symbol_exists():
+    from wrag_vllm.serving.vllm_hooks import missing_symbols
+
+    missing = missing_symbols()
+    assert not missing, "vLLM moved symbols WRAG patches or subclasses:\n" + "\n".join(missing)
+
+
+def test_patched_signatures_unchanged():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from wrag_vllm.serving.vllm_hooks import _linear_classes
+
+    assert list(inspect.signature(GPUModelRunner._prepare_inputs).parameters)[:3] == \
+        ["self", "scheduler_output", "num_scheduled_tokens"]
+    Merged, Row = _linear_classes()
+    for cls in (Merged, Row):
+        src = inspect.getsource(cls.forward)
+        assert "self.quant_method.apply" in src, f"{cls.__name__}.forward changed: re-check the WRAG subclass"
+
+
+def test_entry_points_resolve():
+    gp = {e.name: e for e in entry_points(group="vllm.general_plugins")}
+    ep = {e.name: e for e in entry_points(group="vllm.endpoint_plugins")}
+    assert "wrag" in gp and "wrag" in ep
+    assert callable(gp["wrag"].load())
+    plugin = ep["wrag"].load()()
+    from vllm.plugins.endpoint_plugins.interface import EndpointPlugin
+
+    assert isinstance(plugin, EndpointPlugin) and plugin.name == "wrag"
+
+
+def test_register_layers_idempotent_and_scheduler_subclass():
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from wrag_vllm.serving import vllm_hooks
+
+    a = vllm_hooks.register_layers()
+    b = vllm_hooks.register_layers()
+    assert a is b and op_registry_oot["MergedColumnParallelLinear"] is a[0]
+    assert op_registry_oot["RowParallelLinear"] is a[1]
+    for base in (Scheduler, AsyncScheduler):
+        cls = vllm_hooks.make_scheduler_cls(base)
+        assert issubclass(cls, base) and vllm_hooks.make_scheduler_cls(cls) is cls
+
+
+@pytest.mark.parametrize("prefix,kind,hit", [
+    ("model.layers.3.mlp.gate_up_proj", "gate_up", True), ("model.layers.3.mlp.down_proj", "down", True),
+    ("model.layers.3.self_attn.o_proj", "down", False), ("model.layers.3.self_attn.qkv_proj", "gate_up", False),
+    ("vision.layers.1.mlp.fc2", "down", False)])
+def test_prefix_rule(prefix, kind, hit):
+    from wrag_vllm.serving.vllm_hooks import _PREFIX
+
+    m = _PREFIX.search(prefix)
+    assert bool(m and (kind == "gate_up") == (m.group(2) == "gate_up_proj")) == hit

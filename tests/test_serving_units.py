@@ -1,0 +1,195 @@
+"""Fast unit tests of the serving logic that does not need a vLLM server."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from wrag_vllm.errors import WragError
+from wrag_vllm.serving.config import WragConfig
+from wrag_vllm.serving.resolver import Plan, softmax_weights
+from wrag_vllm.serving.xargs import RequestError, parse_controls
+
+CFG = WragConfig(store="/nonexistent", max_top_k=8)
+
+
+# ------------------------------------------------------------------ config
+def test_config_sources_and_precedence():
+    c = WragConfig.from_sources({"wrag": {"top_k": 5, "method": "linear", "slots": 16}},
+                                environ={"WRAG_TOP_K": "2", "WRAG_STORE": "/s"})
+    assert (c.top_k, c.method, c.slots, c.store) == (2, "linear", 16, "/s")  # env wins
+    assert WragConfig.from_sources('{"wrag": false}', environ={}).enabled is False
+    with pytest.raises(WragError, match="unknown WRAG setting"):
+        WragConfig.from_sources({"wrag": {"topk": 1}}, environ={})
+    with pytest.raises(WragError, match="temperature"):
+        WragConfig.from_sources({"wrag": {"temperature": 0}}, environ={})
+    with pytest.raises(WragError, match="k_max"):
+        WragConfig.from_sources({"wrag": {"slots": 2, "k_max": 4}}, environ={})
+
+
+# ------------------------------------------------------------------ vllm_xargs
+@pytest.mark.parametrize("xargs,shards,weights", [
+    ({"wrag_shards": ["a", "b"], "wrag_weights": [0.7, 0.3]}, ["a", "b"], [0.7, 0.3]),
+    ({"wrag_shards": "a,b", "wrag_weights": "0.7,0.3"}, ["a", "b"], [0.7, 0.3]),
+    ({"wrag_shards": '["a","b"]', "wrag_weights": "[1, 2]"}, ["a", "b"], [1.0, 2.0]),
+    ({"wrag_shards": ["a"]}, ["a"], None),
+])
+def test_xargs_list_forms(xargs, shards, weights):
+    c = parse_controls(xargs, CFG)
+    assert c.shards == shards and c.weights == weights
+
+
+@pytest.mark.parametrize("xargs,msg", [
+    ({"wrag_top_k": 0}, "1..8"), ({"wrag_top_k": 10**9}, "1..8"), ({"wrag_top_k": 2.5}, "integer"),
+    ({"wrag_top_k": True}, "boolean"), ({"wrag_shards": ["a"], "wrag_weights": [float("nan")]}, "finite"),
+    ({"wrag_shards": ["a"], "wrag_weights": ["inf"]}, "finite"), ({"wrag_shards": ["a"], "wrag_weights": [-1]}, ">= 0"),
+    ({"wrag_shards": ["a", "b"], "wrag_weights": [0, 0]}, "sum to 0"), ({"wrag_weights": [1]}, "needs wrag_shards"),
+    ({"wrag_shards": ["a", "a"]}, "twice"), ({"wrag_shards": [1]}, "non-empty strings"),
+    ({"wrag_shards": {"a": 1}}, "expected a list"), ({"wrag_threshold": 2}, "[-1, 1]"),
+    ({"wrag_method": "magic"}, "unknown composition method"), ({"wrag_off": "maybe"}, "true/false"),
+    ({"wrag_plan": "{}"}, "set by the server"), ({"wrag_slots": "[]"}, "set by the server"),
+    ({"wrag_bogus": 1}, "unknown WRAG control"), ({"wrag_params": "{bad"}, "not valid JSON"),
+])
+def test_xargs_errors(xargs, msg):
+    with pytest.raises(RequestError, match=msg.replace("[", r"\[").replace(".", r"\.").replace("(", r"\(")):
+        parse_controls(xargs, CFG)
+
+
+def test_xargs_ignore_other_keys_and_off():
+    c = parse_controls({"session_id": "x", "wrag_off": "true"}, CFG)
+    assert c.off and c.shards is None
+
+
+# ------------------------------------------------------------------ plan / weights
+def test_softmax_weights_and_plan_roundtrip():
+    w = softmax_weights([0.9, 0.5], 0.1)
+    assert abs(sum(w) - 1) < 1e-12 and w[0] / w[1] == pytest.approx(torch.e ** 4)
+    p = Plan(["a", "b"], w, "svd-centered", {}, [0.9, 0.5], "retrieved", 3)
+    q = Plan.from_json(p.to_json())
+    assert q == p and p.header().startswith("a=0.982")
+    assert Plan().header() == "-"
+    with pytest.raises(ValueError):
+        Plan.from_json(json.dumps({"v": 99}))
+
+
+# ------------------------------------------------------------------ resolver against a real store
+@pytest.fixture()
+def store_with_shards(tmp_path, tiny_fp):
+    from helpers_shards import random_shard
+
+    from wrag_vllm.store import ShardStore
+
+    st = ShardStore(tmp_path / "store")
+    for i, (sid, d) in enumerate({"med": "medicine, diseases and patients",
+                                  "code": "programming and python code"}.items()):
+        st.add(random_shard(tiny_fp, sid, rank=4, seed=i, description=d))
+    return st
+
+
+def test_resolver_retrieval_threshold_and_explicit(store_with_shards):
+    from wrag_vllm.serving.resolver import Resolver
+
+    cfg = WragConfig(store=str(store_with_shards.root), top_k=2, threshold=0.3, max_rank=8)
+    r = Resolver(cfg, store_with_shards)
+    p = r.resolve("the patient has a disease", parse_controls({}, cfg))
+    assert p.ids == ["med"] and p.weights == [1.0] and p.source == "retrieved"
+    assert r.resolve("zzz qqq", parse_controls({"wrag_threshold": 0.99}, cfg)).empty
+    p = r.resolve(None, parse_controls({"wrag_shards": ["med", "code"]}, cfg))
+    assert p.weights == [0.5, 0.5] and p.source == "explicit"
+    with pytest.raises(RequestError, match="unknown shard id 'x'"):
+        r.resolve(None, parse_controls({"wrag_shards": ["med", "x"]}, cfg))
+    # rank budget: 2 rank-4 shards compose to rank ≤ 8 = max_rank: fine; with max_rank 6 refused
+    r2 = Resolver(WragConfig(store="", max_rank=6), store_with_shards)
+    with pytest.raises(RequestError, match="max_rank"):
+        r2.resolve(None, parse_controls({"wrag_shards": ["med", "code"]}, cfg))
+    # ...but linear with k ≤ k_max uses one slot per shard: fine
+    assert r2.resolve(None, parse_controls({"wrag_shards": ["med", "code"], "wrag_method": "linear"}, cfg)).ids
+
+
+def test_preparer_linear_slots_composite_and_removal(store_with_shards, tmp_path):
+    from wrag_vllm.serving.preparer import Preparer
+    from wrag_vllm.serving.resolver import Resolver
+    from wrag_vllm.shard import load_shard
+
+    cfg = WragConfig(store=str(store_with_shards.root), k_max=2)
+    prep = Preparer(cfg, tmp_path / "run", Resolver(cfg, store_with_shards))
+    lin = prep.prepare(Plan(["med", "code"], [0.6, 0.4], "linear"))
+    assert [s.weight for s in lin] == [0.6, 0.4] and len({s.key for s in lin}) == 2
+    comp = prep.prepare(Plan(["med", "code"], [0.6, 0.4], "svd-centered"))
+    assert len(comp) == 1 and comp[0].weight == 1.0 and comp[0].key.startswith("c-")
+    assert load_shard(comp[0].path).rank <= 8
+    assert prep.prepare(Plan(["med", "code"], [0.6, 0.4], "svd-centered"))[0].key == comp[0].key
+    store_with_shards.remove("med")
+    with pytest.raises(WragError):
+        prep.prepare(Plan(["med"], [1.0], "linear"))  # a removed shard is never prepared again
+
+
+# ------------------------------------------------------------------ admission (pool capacity)
+class _Req:
+    def __init__(self, rid):
+        self.request_id = rid
+
+        class SP:
+            extra_args = {}
+        self.sampling_params = SP()
+
+
+def test_admission_never_exceeds_pool_and_keeps_order(tmp_path):
+    from wrag_vllm.serving.preparer import SlotRef
+    from wrag_vllm.serving.scheduler import Admission, _Pending
+
+    cfg = WragConfig(store=str(tmp_path / "s"), slots=2, k_max=2)
+    adm = Admission(cfg, str(tmp_path / "run"))
+
+    def pend(rid, keys):
+        f = Future()
+        f.set_result((Plan(list(keys), [1.0] * len(keys), "linear"), [SlotRef(k, 1.0, "/x") for k in keys]))
+        adm.pending[rid] = _Pending(rid, _Req(rid), f)
+
+    pend("r1", ["a"]); pend("r2", ["b"]); pend("r3", ["c"]); pend("r4", ["a"]); pend("r5", [])
+    got = [r.request_id for r in adm.poll(idle=False)]
+    assert got == ["r1", "r2", "r4", "r5"]          # r3 waits: {a, b} fill the 2 slots
+    assert set().union(*adm.inside.values()) == {"a", "b"}
+    adm.finished("r1")
+    assert adm.poll(idle=False) == []               # r4 still uses a
+    adm.finished("r4")
+    assert [r.request_id for r in adm.poll(idle=False)] == ["r3"]
+    adm.shutdown()
+
+
+# ------------------------------------------------------------------ worker pool
+class _FakeLayer:
+    """Stands in for a WRAG linear: records which payload each slot holds."""
+
+    def __init__(self):
+        self.slots = {}
+
+    def wrag_load_slot(self, slot, factors, R):
+        self.slots[slot] = factors
+
+
+def test_pool_lru_pins_and_meta(tmp_path, tiny_fp):
+    from helpers_shards import random_shard
+
+    from wrag_vllm.serving.pool import ShardPool
+    from wrag_vllm.serving.preparer import SlotRef
+
+    paths = {}
+    for sid in "abc":
+        paths[sid] = str(random_shard(tiny_fp, sid, rank=2, seed=ord(sid)).save(tmp_path / f"{sid}.safetensors"))
+    pool = ShardPool(slots=2, max_rank=4, k_max=2, max_tokens=16, max_seqs=4, host_cache_bytes=1 << 20,
+                     run_dir=None, device="cpu", dtype=torch.float32)
+    layer = _FakeLayer()
+    pool.register(layer)
+    ref = lambda s, w=1.0: SlotRef(s, w, paths[s])  # noqa: E731
+    qsl = torch.tensor([0, 3, 4])
+    pool.step([[ref("a", 0.5), ref("b", 0.5)], []], qsl)
+    assert set(pool.slot_of) == {"a", "b"} and pool.evictions == 0
+    pool.step([[ref("c")], [ref("b")]], qsl)        # a is evicted (LRU), b pinned
+    assert set(pool.slot_of) == {"b", "c"} and pool.evictions == 1
+    with pytest.raises(RuntimeError, match="more than 2"):
+        pool.step([[ref("a")], [ref("b"), ref("c")]], qsl)

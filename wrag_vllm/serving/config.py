@@ -1,0 +1,121 @@
+"""Server configuration, read the same way in every vLLM process.
+
+Sources, later wins:
+    defaults  <  vLLM --additional-config '{"wrag": {...}}'  <  WRAG_* environment variables
+
+Every process of a server (API server, engine core, workers) sees the same vLLM config and the same
+environment, so each one derives the same WragConfig without talking to the others.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import WragError
+
+METHOD_DEFAULT = "svd-centered"
+
+
+def default_store_path() -> str:
+    return os.environ.get("WRAG_STORE") or str(Path.home() / ".local/share/wrag/store")
+
+
+@dataclass
+class WragConfig:
+    enabled: bool = True
+    store: str = field(default_factory=default_store_path)
+    top_k: int = 3                 # shards retrieved per request
+    max_top_k: int = 16            # largest wrag_top_k a request may ask for
+    threshold: float = 0.3         # cosine score below which a retrieved shard is dropped
+    temperature: float = 0.1       # weights = softmax(score / temperature) over the kept shards
+    method: str = METHOD_DEFAULT   # composition method (wrag_vllm.compose.METHODS)
+    method_params: dict = field(default_factory=dict)
+    slots: int = 8                 # device pool slots per FFN layer (S)
+    max_rank: int = 64             # rank per slot (R); a composite of rank > R is refused
+    k_max: int = 4                 # slots a single sequence may use at once (linear method)
+    host_cache_mb: int = 1024      # worker host-memory cache of slot payloads
+    composition_cache_mb: int = 1024
+    prepare_threads: int = 2       # engine-core threads doing retrieval/composition off the loop
+
+    # env var -> field; parsed with the field's type
+    ENV = {
+        "WRAG_ENABLED": "enabled", "WRAG_STORE": "store", "WRAG_TOP_K": "top_k",
+        "WRAG_MAX_TOP_K": "max_top_k", "WRAG_THRESHOLD": "threshold",
+        "WRAG_TEMPERATURE": "temperature", "WRAG_METHOD": "method",
+        "WRAG_METHOD_PARAMS": "method_params", "WRAG_SLOTS": "slots", "WRAG_MAX_RANK": "max_rank",
+        "WRAG_K_MAX": "k_max", "WRAG_HOST_CACHE_MB": "host_cache_mb",
+        "WRAG_COMPOSITION_CACHE_MB": "composition_cache_mb",
+        "WRAG_PREPARE_THREADS": "prepare_threads",
+    }
+
+    @classmethod
+    def from_sources(cls, additional_config: dict | str | None = None,
+                     environ: dict | None = None) -> "WragConfig":
+        env = os.environ if environ is None else environ
+        if isinstance(additional_config, str):
+            additional_config = json.loads(additional_config) if additional_config.strip() else {}
+        section = (additional_config or {}).get("wrag", {})
+        if section is True or section is False:
+            section = {"enabled": section}
+        if not isinstance(section, dict):
+            raise WragError(f'--additional-config "wrag" must be a JSON object, got {section!r}')
+        cfg = cls()
+        names = {f.name: f for f in fields(cls)}
+        for k, v in section.items():
+            k = k.replace("-", "_")
+            if k not in names:
+                raise WragError(f"unknown WRAG setting {k!r} in --additional-config; known: "
+                                f"{', '.join(sorted(names))}")
+            setattr(cfg, k, _coerce(names[k].type, v, k))
+        for var, k in cls.ENV.items():
+            if var in env and env[var] != "":
+                setattr(cfg, k, _coerce(names[k].type, env[var], var))
+        return cfg.validate()
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "WragConfig":
+        return cls.from_sources(getattr(vllm_config, "additional_config", None) or {})
+
+    def validate(self) -> "WragConfig":
+        def need(ok, msg):
+            if not ok:
+                raise WragError(f"WRAG configuration: {msg}")
+        need(1 <= self.top_k <= self.max_top_k, f"top_k must be in 1..max_top_k ({self.max_top_k})")
+        need(math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0, "threshold must be in [-1, 1]")
+        need(math.isfinite(self.temperature) and self.temperature > 0, "temperature must be > 0")
+        need(self.slots >= 1, "slots must be >= 1")
+        need(self.max_rank >= 1, "max_rank must be >= 1")
+        need(1 <= self.k_max <= self.slots, "k_max must be in 1..slots (one sequence's shards must fit the pool)")
+        need(self.prepare_threads >= 1, "prepare_threads must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(typ, v, where):
+    typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    try:
+        if typ == "bool":
+            if isinstance(v, bool):
+                return v
+            s = str(v).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(v)
+        if typ == "int":
+            if isinstance(v, bool):
+                raise ValueError(v)
+            return int(v)
+        if typ == "float":
+            return float(v)
+        if typ == "dict":
+            return json.loads(v) if isinstance(v, str) else dict(v)
+        return str(v)
+    except (TypeError, ValueError, json.JSONDecodeError) as e:
+        raise WragError(f"WRAG setting {where}: cannot read {v!r} as {typ}") from e

@@ -1,0 +1,20 @@
+"""`vllm.general_plugins` entry point: runs in every vLLM process (API server, engine core, workers).
+
+Must be cheap and idempotent. WRAG_ENABLED=0 turns the whole plugin off for a process tree;
+`--additional-config '{"wrag": {"enabled": false}}'` turns it off per server (the layers and the
+scheduler then behave exactly like vLLM's own).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("vllm.wrag")
+
+
+def register() -> None:
+    if os.environ.get("WRAG_ENABLED", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    from . import vllm_hooks
+
+    vllm_hooks.install()

@@ -1,0 +1,142 @@
+"""Worker side: the device shard pool and the per-step metadata (no vLLM imports here).
+
+Every WRAG FFN layer owns fixed buffers (allocated once, so memory is constant and torch.compile
+graphs stay valid; contents change in place):
+
+    gate_up_proj:  a_pool (2, S, R, d_model)      b_pool (2, S, d_ff/tp, R)    slices: gate, up
+    down_proj:     a_pool (1, S, R, d_ff/tp)      b_pool (1, S, d_model, R)
+    slot_ranks     (S,) int32  (rank of the payload in each slot; 0 = empty)
+
+Tensor parallelism: gate_up is column-parallel (output split) → B is sliced by output rows and A is
+whole; down is row-parallel (input split) → A is sliced by input columns and B is whole, and the
+partial deltas B·(A_r·x_r) are summed by the layer's own all-reduce, which runs after the delta.
+
+The scale s and nothing else is folded into B when a payload is loaded: slot content = (A, s·B).
+One DeltaMeta (token → slots, weights) is shared by all layers and refilled once per step.
+
+Memory hierarchy: device slots (LRU)  ←  host cache of loaded payloads (LRU, bytes)  ←  payload
+files written by the engine core (from the store on disk).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import torch
+
+from .preparer import SlotRef, slots_from_json
+from .xargs import SLOTS_KEY
+
+log = logging.getLogger("vllm.wrag")
+
+
+def delta_api():
+    """(DeltaMeta, apply_delta) from wrag_kernels (the kernels package)."""
+    from wrag_kernels import DeltaMeta, apply_delta  # torch ops on CPU, Triton on CUDA
+    return DeltaMeta, apply_delta
+
+
+class ShardPool:
+    """One per worker process. Layers register at construction; the runner hook calls `step`."""
+
+    def __init__(self, slots: int, max_rank: int, k_max: int, max_tokens: int, max_seqs: int,
+                 host_cache_bytes: int, run_dir: str | None, device, dtype):
+        DeltaMeta, apply_delta = delta_api()
+        self.apply_fn = apply_delta  # apply_delta(y, x, a_pool, b_pool, slot_ranks, meta), in place on y
+        self.S, self.R, self.k_max = slots, max_rank, k_max
+        self.max_seqs = max_seqs
+        self.run_dir = run_dir
+        self.device, self.dtype = device, dtype
+        self.meta = DeltaMeta(max_tokens, max_seqs, k_max, device)
+        self.layers: list = []                 # WRAG linear modules, in construction order
+        self.slot_of: OrderedDict[str, int] = OrderedDict()   # payload key -> slot (LRU order)
+        self.free = list(range(slots))
+        self.host: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self.host_bytes, self.host_max = 0, host_cache_bytes
+        self.evictions = 0
+        self.loads = 0
+        self._plans: dict[str, list[SlotRef]] = {}   # req_id -> slots (parsed once)
+        self.seq_slots = torch.full((max_seqs, k_max), -1, dtype=torch.int32)
+        self.seq_weights = torch.zeros((max_seqs, k_max), dtype=torch.float32)
+        self.active = False                          # any slot used in the last step
+        self.lock = threading.Lock()
+        self.stats = None
+        if run_dir:
+            from .metrics import EngineStats
+            self.stats = EngineStats(run_dir, "worker")
+
+    def register(self, layer) -> None:
+        self.layers.append(layer)
+
+    # ------------------------------------------------------------------ payloads
+    def _payload(self, ref: SlotRef):
+        hit = self.host.get(ref.key)
+        if hit is not None:
+            self.host.move_to_end(ref.key)
+            return hit[0]
+        from ..shard import load_shard
+        shard = load_shard(ref.path)
+        nb = shard.nbytes()
+        self.host[ref.key] = (shard, nb)
+        self.host_bytes += nb
+        while self.host_bytes > self.host_max and len(self.host) > 1:
+            _, (_, b) = self.host.popitem(last=False)
+            self.host_bytes -= b
+        return shard
+
+    def _load_into(self, slot: int, shard) -> None:
+        for layer in self.layers:
+            layer.wrag_load_slot(slot, shard.factors, self.R)
+        self.loads += 1
+
+    def _ensure(self, refs: list[SlotRef], pinned: set[str]) -> None:
+        for ref in refs:
+            if ref.key in self.slot_of:
+                self.slot_of.move_to_end(ref.key)
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:
+                victim = next((k for k in self.slot_of if k not in pinned), None)
+                if victim is None:
+                    raise RuntimeError(f"WRAG pool: more than {self.S} distinct shard payloads in one "
+                                       f"step (the scheduler should have prevented this)")
+                slot = self.slot_of.pop(victim)
+                self.evictions += 1
+            self._load_into(slot, self._payload(ref))
+            self.slot_of[ref.key] = slot
+
+    # ------------------------------------------------------------------ per step
+    def refs_for(self, req_id: str, extra_args: dict | None) -> list[SlotRef]:
+        refs = self._plans.get(req_id)
+        if refs is None:
+            raw = (extra_args or {}).get(SLOTS_KEY)
+            refs = slots_from_json(raw, self.run_dir) if raw else []
+            self._plans[req_id] = refs
+        return refs
+
+    def forget(self, req_ids) -> None:
+        for r in req_ids:
+            self._plans.pop(r, None)
+
+    def step(self, req_refs: list[list[SlotRef]], query_start_loc: torch.Tensor) -> None:
+        """req_refs[i]: slot payloads of the i-th sequence of the flat batch;
+        query_start_loc: (num_seqs+1,) token offsets of the sequences."""
+        n = len(req_refs)
+        with self.lock:
+            pinned = {r.key for refs in req_refs for r in refs}
+            self.seq_slots[:n].fill_(-1)
+            self.seq_weights[:n].zero_()
+            if pinned:
+                self._ensure([r for refs in req_refs for r in refs], pinned)
+                for i, refs in enumerate(req_refs):
+                    for j, r in enumerate(refs[: self.k_max]):
+                        self.seq_slots[i, j] = self.slot_of[r.key]
+                        self.seq_weights[i, j] = r.weight
+            self.active = bool(pinned)
+            if self.stats is not None and self.stats.c["pool_loads"] != self.loads:
+                self.stats.c.update(pool_evictions=self.evictions, pool_loads=self.loads)
+                self.stats.flush(force=True)
+            self.meta.fill(query_start_loc[: n + 1].to(self.device), self.seq_slots[:n].to(self.device),
+                           self.seq_weights[:n].to(self.device))

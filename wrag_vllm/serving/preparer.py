@@ -1,0 +1,182 @@
+"""Engine-core side: turn a Plan into slot payloads the workers can load.
+
+A slot payload is one shard file (the shard format of shard.py) in the server's run directory,
+named by a content key. Two kinds:
+
+    method "linear" with k ≤ k_max:  k payloads, one per shard, weights w_i applied per token by the
+        kernel:  Δy = Σ_i w_i · s_i·B_i·(A_i·x)   (shards, not sets, occupy slots: reused widely)
+    any other case:                   1 payload, the composite compose(shards, w, method) (scale 1),
+        applied with weight 1; computed once per distinct (shards, weights, method, params) and
+        kept in the CompositionCache.
+
+Payload files are written once (atomic rename) and only read afterwards, so workers of any
+tensor-parallel rank can load them concurrently. Shards are read from the store at preparation
+time: a shard removed from the store before a request is prepared is never applied to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import WragConfig
+from .resolver import Plan
+
+log = logging.getLogger("vllm.wrag")
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    key: str       # content key: identical payload ⇔ identical key
+    weight: float  # per-token weight the kernel applies
+    path: str      # payload shard file (inside the run directory)
+
+    def to_list(self) -> list:
+        return [self.key, self.weight, self.path]
+
+
+def slots_to_json(slots: list[SlotRef]) -> str:
+    return json.dumps([s.to_list() for s in slots], separators=(",", ":"))
+
+
+def slots_from_json(s: str, run_dir: str | None = None) -> list[SlotRef]:
+    out = []
+    for key, w, path in json.loads(s):
+        if run_dir is not None and not os.path.realpath(path).startswith(os.path.realpath(run_dir) + os.sep):
+            raise ValueError(f"slot payload {path!r} is outside the WRAG run directory")
+        out.append(SlotRef(str(key), float(w), str(path)))
+    return out
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+class _LRU:
+    """Byte-budgeted LRU of (value, nbytes)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.d: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, k):
+        if k in self.d:
+            self.d.move_to_end(k)
+            self.hits += 1
+            return self.d[k][0]
+        self.misses += 1
+        return None
+
+    def put(self, k, v, nbytes: int):
+        if k in self.d:
+            self.bytes -= self.d.pop(k)[1]
+        self.d[k] = (v, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes and len(self.d) > 1:
+            _, (_, nb) = self.d.popitem(last=False)
+            self.bytes -= nb
+
+
+class Preparer:
+    """Thread-safe. prepare(plan) -> list[SlotRef] (empty for a base-model request)."""
+
+    def __init__(self, cfg: WragConfig, run_dir: str | os.PathLike, resolver=None, stats=None):
+        from .resolver import Resolver
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.slot_dir = self.run_dir / "slots"
+        self.slot_dir.mkdir(parents=True, exist_ok=True)
+        self.resolver = resolver or Resolver(cfg)
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._shards = _LRU(cfg.host_cache_mb << 20)  # content key -> Shard
+        self._compositions = self._make_composition_cache()
+
+    def _make_composition_cache(self):
+        try:
+            from ..compose import CompositionCache
+            return CompositionCache(max_bytes=self.cfg.composition_cache_mb << 20)
+        except Exception:  # fall back to a local LRU with the same role
+            return _LRU(self.cfg.composition_cache_mb << 20)
+
+    # ------------------------------------------------------------------ helpers
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def _shard_key(self, shard_id: str, meta: dict) -> str:
+        # content identity: a shard removed and re-added under the same id gets a new key
+        return "s-" + _digest(shard_id, meta)
+
+    def _load(self, shard_id: str):
+        """(content key, Shard) from the store, freshly refreshed (removals are seen here)."""
+        r = self.resolver
+        with r._lock:
+            store = r.store
+            store.refresh()
+            meta = store.get_meta(shard_id)
+            key = self._shard_key(shard_id, meta)
+            shard = self._shards.get(key)
+            if shard is None:
+                shard = store.load(shard_id)
+                self._shards.put(key, shard, shard.nbytes())
+        return key, shard
+
+    def _write(self, key: str, shard) -> str:
+        path = self.slot_dir / f"{key}.safetensors"
+        with self._key_lock(key):
+            if not path.exists():
+                shard.save(path)
+        return str(path)
+
+    # ------------------------------------------------------------------ main entry
+    def prepare(self, plan: Plan) -> list[SlotRef]:
+        if plan.empty:
+            return []
+        loaded = [self._load(i) for i in plan.ids]
+        pairs = [(k, s, w) for (k, s), w in zip(loaded, plan.weights) if w > 0]
+        if not pairs:
+            return []
+        if not self.resolver.composite_needed(plan.method, len(pairs)):
+            return [SlotRef(k, float(w), self._write(k, s)) for k, s, w in pairs]
+        ckey = "c-" + _digest([k for k, _, _ in pairs], [w for _, _, w in pairs], plan.method, plan.params)
+        path = self.slot_dir / f"{ckey}.safetensors"
+        with self._key_lock(ckey):
+            comp = self._compositions.get(ckey) if isinstance(self._compositions, _LRU) else None
+            t0 = time.perf_counter()
+            hit = path.exists() or comp is not None
+            if not path.exists():
+                if comp is None:
+                    comp = self._compose([s for _, s, _ in pairs], [w for _, _, w in pairs],
+                                         plan.method, plan.params, ckey)
+                if comp.rank > self.cfg.max_rank:
+                    raise ValueError(f"composite rank {comp.rank} exceeds max_rank {self.cfg.max_rank}")
+                comp.save(path)
+            if self.stats is not None:
+                self.stats.composition(time.perf_counter() - t0, hit)
+        return [SlotRef(ckey, 1.0, str(path))]
+
+    def _compose(self, shards, weights, method, params, ckey):
+        from ..compose import compose
+
+        cache = self._compositions
+        if isinstance(cache, _LRU):
+            comp = compose(shards, weights, method=method, **params)
+            cache.put(ckey, comp, comp.nbytes())
+            return comp
+        return cache.get_or_compose(shards, weights, method=method, **params)
