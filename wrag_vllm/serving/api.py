@@ -10,7 +10,8 @@ Request path (POST /v1/chat/completions, /v1/completions, /v1/responses):
     retrieval in a worker thread (query = completion prompt, or the chat's last user turn;
     the API server's event loop and the engine loop keep running) → writes the resolved Plan into
     vllm_xargs["wrag_plan"] → vLLM builds the request (extra_args carry the plan to the engine) →
-    the response carries `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-method`, `x-wrag-source`;
+    the response carries `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=cosine,...`,
+    `x-wrag-method`, `x-wrag-source`;
     every request is logged with its plan.
 
 Admin routes (answer 401 without a valid key when the server has --api-key / VLLM_API_KEY,
@@ -93,6 +94,8 @@ class WragEndpoint:
     # ------------------------------------------------------------------ EndpointPlugin
     def attach_router(self, app) -> None:
         app.include_router(self._router())
+        from .chat_page import chat_router  # the chat page, GET /wrag/chat (static files in the package)
+        app.include_router(chat_router())
         app.add_middleware(WragMiddleware, plugin=self)
 
     async def init_state(self, engine_client, state, args) -> None:
@@ -308,7 +311,8 @@ class WragMiddleware:
             if msg["type"] == "http.response.start" and plan is not None:
                 h = list(msg.get("headers", []))
                 h += [(b"x-wrag-shards", plan.header().encode()), (b"x-wrag-method", plan.method.encode()),
-                      (b"x-wrag-source", plan.source.encode())]
+                      (b"x-wrag-source", plan.source.encode()),
+                      (b"x-wrag-scores", plan.scores_header().encode())]
                 msg = dict(msg, headers=h)
             await send(msg)
 

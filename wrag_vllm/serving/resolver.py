@@ -59,6 +59,12 @@ class Plan:
             return "-"
         return ",".join(f"{i}={w:.4g}" for i, w in zip(self.ids, self.weights))
 
+    def scores_header(self) -> str:
+        """x-wrag-scores: id=cosine,... for retrieved shards, '-' when none were retrieved."""
+        if self.empty or not self.scores:
+            return "-"
+        return ",".join(f"{i}={s:.4f}" for i, s in zip(self.ids, self.scores))
+
     def summary(self) -> dict:
         return {"shards": [{"id": i, "weight": w, **({"score": s} if self.scores else {})}
                            for i, w, s in zip(self.ids, self.weights, self.scores or [None] * len(self.ids))],

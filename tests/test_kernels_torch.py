@@ -1,0 +1,193 @@
+"""wrag_kernels torch path (CPU) against the dense reference, plus metadata, safety and compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from helpers_kernels import assert_matches, make_problem
+from wrag_kernels import DeltaMeta, apply_delta
+from wrag_kernels.meta import CONCAT_MIN_TOKENS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["prefill", "decode"])
+@pytest.mark.parametrize("n_slices", [1, 2])
+def test_torch_path_matches_dense(dtype, layout, n_slices):
+    p = make_problem(layout, n_slices, dtype)
+    out = p.y.clone()
+    apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
+    assert_matches(out, p)
+
+
+def test_plan_uses_both_paths():
+    """The prefill problem exercises concat groups (contiguous and not) and slot groups."""
+    p = make_problem("prefill")
+    info = p.meta.host_info.tolist()
+    n_concat, n_groups = info[7], info[5]
+    assert n_concat == 2 and n_groups > 0
+    assert sorted(p.meta.cplan[:2, 0].tolist())[0] == -1          # the split [0,1,2] group
+    assert 17 >= CONCAT_MIN_TOKENS
+
+
+@pytest.mark.parametrize("shape", [(64, 128, 8), (576, 1536, 16)])
+def test_model_shapes(shape):
+    d_in, d_out, R = shape
+    reqs = [(7, [0, 2, 5], [1.0, 0.5, 0.5]), (1, [], []), (30, [1], [1.0]), (2, [3, 4, 5, 6, 7, 0, 1, 2], [0.1] * 8)]
+    ranks = [R, R // 2, 1, R, 0, R // 4, R, 3]
+    for layout in ("prefill", "decode"):
+        p = make_problem(layout, 2, torch.float32, d_in=d_in, d_out=d_out, requests=reqs, ranks=ranks, R=R)
+        out = p.y.clone()
+        apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
+        assert_matches(out, p)
+
+
+def test_full_pool_no_shard_tokens_bit_exact():
+    """vLLM's CPU LoRA bug: 'no adapter' = −1 wraps to the last slot when the pool is full. Here
+    every slot is occupied and the last one is NaN-filled; tokens without shards must not move."""
+    S, R, d = 4, 8, 24
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(1, S, R, d, generator=g)
+    b = torch.randn(1, S, d, R, generator=g)
+    a[:, -1] = float("nan")
+    b[:, -1] = float("nan")
+    ranks = torch.full((S,), R, dtype=torch.int32)
+    meta = DeltaMeta(32, 8, 2, "cpu")
+    qsl = [0, 3, 4, 9, 10]
+    slots = [[-1, -1], [0, -1], [-1, -1], [1, 2]]
+    meta.fill(qsl, slots, [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
+    x = torch.randn(10, d, generator=g)
+    y0 = torch.randn(10, d, generator=g)
+    y = y0.clone()
+    apply_delta(y, x, a, b, ranks, meta)
+    none = torch.tensor([1, 1, 1, 0, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    assert torch.equal(y[none], y0[none])
+    assert torch.isfinite(y).all() and not torch.equal(y[~none], y0[~none])
+
+
+def test_early_exit_reads_nothing():
+    """No token has a slot: the op returns before touching the (NaN) pools or y."""
+    a = torch.full((2, 3, 4, 8), float("nan"))
+    b = torch.full((2, 3, 8, 4), float("nan"))
+    meta = DeltaMeta(8, 4, 2, "cpu")
+    meta.fill([0, 2, 5], [[-1, -1], [2, -1]], [[0.0, 0.0], [0.0, 0.0]])    # weight 0 = dropped
+    assert not meta.active
+    y0 = torch.randn(5, 16)
+    y = y0.clone()
+    apply_delta(y, torch.randn(5, 8), a, b, torch.full((3,), 4, dtype=torch.int32), meta)
+    assert torch.equal(y, y0)
+
+
+def test_meta_fill_in_place_and_padding():
+    meta = DeltaMeta(16, 4, 3, "cpu")
+    bufs = [meta.token_slots, meta.seq_start, meta.seq_slots, meta.host_info, meta.plan]
+    ptrs = [t.data_ptr() for t in bufs]
+    meta.fill(torch.tensor([0, 2, 5]), torch.tensor([[1, 1, -1], [0, -1, -1]]),
+              torch.tensor([[0.5, 0.25, 0.0], [1.0, 0.0, 0.0]]))
+    assert [t.data_ptr() for t in bufs] == ptrs
+    # duplicate slot merged into one entry with the summed weight
+    assert meta.seq_slots[0].tolist() == [1, -1, -1]
+    assert meta.seq_weights[0, 0].item() == pytest.approx(0.75)
+    assert meta.token_slots[:5, 0].tolist() == [1, 1, 0, 0, 0]
+    assert (meta.token_slots[5:] == -1).all()                  # padding tokens: no slot
+    assert meta.seq_start.tolist() == [0, 2, 5, 5, 5]           # padding seqs: empty segments
+    assert (meta.num_tokens, meta.num_seqs, meta.max_seq_len, meta.active) == (5, 2, 3, True)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(query_start_loc=[0, 3, 2], seq_slots=[[0], [1]], seq_weights=[[1.0], [1.0]]),
+    dict(query_start_loc=[0, 40], seq_slots=[[0]], seq_weights=[[1.0]]),
+    dict(query_start_loc=[0, 1], seq_slots=[[0, 1, 2, 3]], seq_weights=[[1.0] * 4]),
+    dict(query_start_loc=[0, 1], seq_slots=[[-2]], seq_weights=[[1.0]]),
+    dict(query_start_loc=[0, 1], seq_slots=[[0]], seq_weights=[[float("nan")]]),
+])
+def test_meta_fill_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        DeltaMeta(16, 4, 3, "cpu").fill(**bad)
+
+
+def test_op_validates_slots_and_rows():
+    meta = DeltaMeta(8, 2, 1, "cpu")
+    meta.fill([0, 2], [[5]], [[1.0]])
+    a, b = torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 8, 4)
+    ranks = torch.full((3,), 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside the pool"):
+        apply_delta(torch.zeros(2, 8), torch.zeros(2, 8), a, b, ranks, meta)
+    meta.fill([0, 2], [[1]], [[1.0]])
+    with pytest.raises(ValueError, match="rows"):
+        apply_delta(torch.zeros(1, 8), torch.zeros(1, 8), a, b, ranks, meta)
+
+
+def test_opcheck_custom_op():
+    """Schema, fake (meta) impl and functionalization of torch.ops.wrag.apply_delta."""
+    p = make_problem("prefill", 2, torch.float32, poison=False)
+    m = p.meta
+    args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.token_slots, m.token_weights, m.seq_start,
+            m.seq_slots, m.seq_weights, m.pair_tok, m.pair_w, m.plan, m.plan_w, m.cplan, m.cslots, m.cweights,
+            m.ctok, m.host_info, "torch")
+    torch.library.opcheck(torch.ops.wrag.apply_delta.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _compiled_module_case(backend: str):
+    torch.manual_seed(0)
+    S, R, d, f = 4, 8, 16, 32
+    a, b = torch.randn(2, S, R, d) * 0.3, torch.randn(2, S, f, R) * 0.3
+    ranks = torch.tensor([8, 4, 8, 2], dtype=torch.int32)
+    meta = DeltaMeta(16, 4, 2, "cpu")
+
+    class GateUp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up = torch.nn.Linear(d, 2 * f, bias=False)
+
+        def forward(self, x):
+            y = self.gate_up(x)
+            apply_delta(y, x, a, b, ranks, meta)
+            return torch.nn.functional.silu(y[:, :f]) * y[:, f:]
+
+    mod = GateUp().eval()
+    x = torch.randn(10, d)
+    cnt = CompileCounterWithBackend(backend)
+    compiled = torch.compile(mod, fullgraph=True, backend=cnt)
+    with torch.no_grad():
+        meta.fill([0, 4, 10], [[0, 1], [2, -1]], [[1.0, 0.5], [2.0, 0.0]])
+        out1 = compiled(x)
+        assert torch.allclose(out1, mod(x), atol=1e-6)
+        meta.fill([0, 4, 10], [[3, -1], [0, 1]], [[1.0, 0.0], [1.0, 1.0]])     # same shapes, new contents
+        out2 = compiled(x)
+        assert torch.allclose(out2, mod(x), atol=1e-6)
+        assert not torch.allclose(out1, out2)
+        meta.fill([0, 10], [[-1, -1]], [[0.0, 0.0]])                           # no shard at all
+        out3 = compiled(x)
+        plain = mod.gate_up(x)
+        assert torch.equal(out3, torch.nn.functional.silu(plain[:, :f]) * plain[:, f:])
+    assert cnt.frame_count == 1, "in-place metadata updates must not recompile"
+
+
+def test_compile_fullgraph_aot_eager():
+    _compiled_module_case("aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor():
+    _compiled_module_case("inductor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_concat_groups_large_requests(dtype, monkeypatch):
+    """Long requests sharing a shard list run as one concatenated rank-Σr adapter (contiguous and
+    split groups); small groups fall back to per-slot GEMMs. Both must match the reference."""
+    reqs = [(40, [0, 1, 2], [0.5, 1.0, -0.75]), (3, [], []), (30, [0, 1, 2], [0.5, 1.0, -0.75]),
+            (50, [3, 4], [1.0, 0.25]), (2, [3, 4], [1.0, 0.5])]
+    ranks = [4, 2, 4, 8, 3, 8]
+    cats = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: (cats.append(1), real_cat(*a, **k))[1])
+    p = make_problem("prefill", 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24)
+    assert p.meta.host_info[7].item() == 2                       # two concat groups planned
+    n_cat_fill = len(cats)
+    out = p.y.clone()
+    apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
+    assert len(cats) - n_cat_fill == 2 * 3                       # a_cat, b_cat, w_col per group
+    assert_matches(out, p)
