@@ -103,6 +103,11 @@ class WragEndpoint:
         from .metrics import front_metrics
 
         self.cfg = WragConfig.from_sources(getattr(args, "additional_config", None) or {})
+        # The API server process runs no model; its only torch work is the query embedding. One
+        # intra-op thread keeps it at ~20 ms instead of 100-1000 ms when it competes with the
+        # engine's threads for the same cores.
+        import torch
+        torch.set_num_threads(1)
         self.resolver = Resolver(self.cfg)
         self.tokens = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         self.metrics = front_metrics()
