@@ -12,7 +12,7 @@ The shard scale is expected folded into B (or into w) when the pool is loaded.
     apply_delta(y, x, a_pool, b_pool, slot_ranks, meta)            # per layer/projection, in place
 
 Backends: Triton (CUDA; SGMV for prefill, BGMV for decode; `triton_shrink`, `triton_expand`)
-and pure torch (CPU; slot-grouped GEMMs; `torch_ops`), registered as torch.ops.wrag.* (`ops`).
+and pure torch (CPU; dense request groups + slot-bucketed grouped/batched GEMMs; `torch_ops`), registered as torch.ops.wrag.* (`ops`).
 """
 from .meta import DeltaMeta
 from .ops import apply_delta, delta_expand, delta_shrink

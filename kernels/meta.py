@@ -7,18 +7,24 @@ batch); this module expands them to the layouts the backends read:
 
 * segment layout (SGMV, prefill):  seq_start (max_seqs+1,), seq_slots / seq_weights (max_seqs, K)
 * per-token layout (BGMV, decode):  token_slots / token_weights (max_tokens, K)
-* plan for the CPU torch path, two kinds of work items:
-  - concat groups: requests with the same (slots, weights) list and ≥ CONCAT_MIN_TOKENS tokens in
-    all are served as one rank-Σr adapter (factors concatenated per call, weights on H's columns):
-    one GEMM pair instead of K, so y is read-modified-written once, not K times.
+* plan for the CPU torch path (`torch_ops`), built here once per step so that the per-layer calls
+  do no host work beyond launching torch ops; two kinds of work items:
+  - dense groups: requests with the same (slots, weights) list and ≥ DENSE_MIN_TOKENS tokens in
+    all (prefill, or decode where many requests share one shard list) run as one rank-Σr adapter:
+    one GEMM for the shrink of every slot and slice, then the expands in place on y's rows.
     cplan (max_seqs, 3) = [contiguous_token_begin or −1, ctok_begin, ctok_end],
-    cslots (max_seqs, K), cweights (max_seqs, K), ctok (max_tokens,) token ids.
-  - slot groups (everything else, e.g. decode): the (token, j) pairs sorted by slot, so each
-    distinct slot's factors are read once per call for all tokens that reference it:
-    pair_tok / pair_w (max_tokens*K,), plan (max_groups, 5) = [slot, pair_begin, pair_end,
-    contiguous_token_begin or −1, uniform_weight 0/1], plan_w (max_groups,) the uniform weight.
-* host_info (8,) int64 on the CPU: [active, num_tokens, num_seqs, max_seq_len, max_slot,
-  num_groups, num_pairs, num_concat] — read by the ops on the host without a device sync.
+    cslots (max_seqs, K) int64, cweights (max_seqs, K) float64, ctok (max_tokens,) token ids.
+  - slot buckets (everything else, e.g. decode with per-request shards): the (token, j) pairs
+    grouped by slot; slots with a similar token count c share a bucket (c in (2^(b−1), 2^b]) and
+    each bucket runs as batched GEMMs over its slots, every slot's token list padded to the
+    bucket's largest count M (padding repeats the slot's first token with weight 0, so it adds
+    an exact 0 to a row that is written anyway). Each distinct slot's factors are read once.
+    plan (max_groups, 5) = one row per distinct slot, in bucket order: [slot, pair_begin,
+    pair_end, count, bucket]; pair_tok / pair_w (2·max_tokens·K,) the padded (token, weight)
+    lists, slot-major; plan_w is not read (kept for the op schema).
+* host_info (9 + 4·max_buckets,) int64 on the CPU: [active, num_tokens, num_seqs, max_seq_len,
+  max_slot, num_groups, num_pairs, num_concat, num_buckets] then per bucket [row_begin, row_end,
+  pair_begin, M] — read by the ops on the host without a device sync.
 
 Every buffer is allocated once in __init__ and overwritten in place by `fill`, so the tensors
 captured by torch.compile / CUDA graphs stay valid across steps (only their contents change).
@@ -30,14 +36,17 @@ from __future__ import annotations
 
 import torch
 
-# Columns of DeltaMeta.plan (one row per distinct active slot).
-PLAN_SLOT, PLAN_PAIR_BEGIN, PLAN_PAIR_END, PLAN_TOK_BEGIN, PLAN_UNIFORM = range(5)
-# Columns of DeltaMeta.cplan (one row per concat group).
+# Columns of DeltaMeta.plan (one row per distinct slot of the slot-bucket path).
+PLAN_SLOT, PLAN_PAIR_BEGIN, PLAN_PAIR_END, PLAN_COUNT, PLAN_BUCKET = range(5)
+# Columns of DeltaMeta.cplan (one row per dense group).
 CPLAN_TOK_BEGIN, CPLAN_BEGIN, CPLAN_END = range(3)
-# Entries of DeltaMeta.host_info.
-INFO_ACTIVE, INFO_TOKENS, INFO_SEQS, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_GROUPS, INFO_PAIRS, INFO_CONCAT = range(8)
-# A request group this large amortises concatenating its factors (K·r·(d_in+d_out) copies).
-CONCAT_MIN_TOKENS = 16
+# Entries of DeltaMeta.host_info; bucket rows (4 entries each) follow from INFO_BUCKET_ROWS.
+(INFO_ACTIVE, INFO_TOKENS, INFO_SEQS, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_GROUPS, INFO_PAIRS, INFO_CONCAT,
+ INFO_BUCKETS, INFO_BUCKET_ROWS) = range(10)
+BUCKET_ROW_BEGIN, BUCKET_ROW_END, BUCKET_PAIR_BEGIN, BUCKET_M = range(4)
+# A request group this large runs dense: its one shrink GEMM and K in-place expands cost less than
+# copying the K slots' factors for the batched slot path (and touch y's rows in place).
+DENSE_MIN_TOKENS = 4
 
 
 def _as_cpu(t, dtype) -> torch.Tensor:
@@ -63,16 +72,19 @@ class DeltaMeta:
         self.seq_start = torch.zeros((N + 1,), dtype=torch.int32, device=dev)         # (max_seqs+1,)
         self.seq_slots = torch.full((N, K), -1, dtype=torch.int32, device=dev)        # (max_seqs, K)
         self.seq_weights = torch.zeros((N, K), dtype=torch.float32, device=dev)       # (max_seqs, K)
-        self.pair_tok = torch.zeros((T * K,), dtype=torch.int64, device=dev)          # (max_tokens*K,)
-        self.pair_w = torch.zeros((T * K,), dtype=torch.float32, device=dev)          # (max_tokens*K,)
-        # Host-side tables: the torch path loops over them in Python, so keep them off the device.
+        # Slot buckets pad each slot's token list to < 2x its length: 2·T·K padded pairs at most.
+        self.max_pairs = 2 * T * K
+        self.max_buckets = T.bit_length() + 1                  # token counts 1, 2, 3-4, 5-8, ...
+        self.pair_tok = torch.zeros((self.max_pairs,), dtype=torch.int64, device=dev)  # (2*max_tokens*K,)
+        self.pair_w = torch.zeros((self.max_pairs,), dtype=torch.float32, device=dev)  # (2*max_tokens*K,)
+        # Host-side tables: the torch path reads them on the host, so keep them off the device.
         self.plan = torch.zeros((self.max_groups, 5), dtype=torch.int64)               # (max_groups, 5)
         self.plan_w = torch.zeros((self.max_groups,), dtype=torch.float64)             # (max_groups,)
         self.cplan = torch.zeros((N, 3), dtype=torch.int64)                            # (max_seqs, 3)
         self.cslots = torch.full((N, K), -1, dtype=torch.int64)                        # (max_seqs, K)
         self.cweights = torch.zeros((N, K), dtype=torch.float64)                       # (max_seqs, K)
         self.ctok = torch.zeros((T,), dtype=torch.int64, device=dev)                   # (max_tokens,)
-        self.host_info = torch.zeros((8,), dtype=torch.int64)                          # (8,)
+        self.host_info = torch.zeros((INFO_BUCKET_ROWS + 4 * self.max_buckets,), dtype=torch.int64)
 
     # ---- convenience views of host_info (host ints; do not read these inside compiled code) ----
     @property
@@ -140,10 +152,11 @@ class DeltaMeta:
         h_tok_w[:T] = tok_w
 
         valid = tok_slots >= 0                                              # (T, K)
-        n_pairs = int(valid.sum())
+        n_valid = int(valid.sum())
         active_seq = (h_seq_slots[:ns] >= 0).any(dim=1) & (lens > 0)
-        info = [int(n_pairs > 0), T, ns, int(lens.max()) if ns > 0 else 0,
-                int(slots.max()) if slots.numel() else -1, 0, n_pairs, 0]
+        info = [0] * self.host_info.numel()
+        info[:INFO_BUCKETS] = [int(n_valid > 0), T, ns, int(lens.max()) if ns > 0 else 0,
+                               int(slots.max()) if slots.numel() else -1, 0, 0, 0]
         if not bool(active_seq.any()):
             info[INFO_MAX_SLOT] = -1
 
@@ -152,14 +165,13 @@ class DeltaMeta:
         self.seq_start.copy_(h_start, non_blocking=True)
         self.seq_slots.copy_(h_seq_slots, non_blocking=True)
         self.seq_weights.copy_(h_seq_w, non_blocking=True)
-        if self.build_plan and n_pairs > 0:
+        if self.build_plan and n_valid > 0:
             seq_of_tok = torch.arange(ns).repeat_interleave(lens)                  # (T,)
-            slot_seq = self._build_concat(qsl, lens, slots, weights)                # (ns,) bool
-            info[INFO_CONCAT] = int(self._n_concat)
-            slot_valid = valid & slot_seq[seq_of_tok].unsqueeze(1)
-            n_slot_pairs = int(slot_valid.sum())
-            if n_slot_pairs:
-                info[INFO_GROUPS] = self._build_plan(tok_slots, tok_w, slot_valid, n_slot_pairs)
+            left_seq = self._build_dense(qsl, lens, slots, weights)                 # (ns,) bool
+            info[INFO_CONCAT] = self._n_dense
+            left = valid & left_seq[seq_of_tok].unsqueeze(1)                        # (T, K)
+            if bool(left.any()):
+                self._build_buckets(tok_slots, tok_w, left, info)
         self.host_info.copy_(torch.tensor(info, dtype=torch.int64))
 
     @staticmethod
@@ -181,58 +193,74 @@ class DeltaMeta:
                 slots[i, j], weights[i, j] = s, w
         return slots, weights
 
-    def _build_concat(self, qsl, lens, slots, weights) -> torch.Tensor:
-        """Group requests by identical (slots, weights); big multi-slot groups become concat items.
-        Returns a (num_seqs,) bool mask of the sequences left for the slot-grouped path."""
+    def _build_dense(self, qsl, lens, slots, weights) -> torch.Tensor:
+        """Group requests by identical (slots, weights); groups of ≥ DENSE_MIN_TOKENS tokens become
+        dense items. Returns a (num_seqs,) bool mask of the sequences left for the slot buckets."""
         ns = lens.numel()
         left = torch.ones((ns,), dtype=torch.bool)
         groups: dict[tuple, list[int]] = {}
         lens_l, qsl_l = lens.tolist(), qsl.tolist()
         for q, (srow, wrow) in enumerate(zip(slots.tolist(), weights.tolist())):
             key = tuple(sorted((s, w) for s, w in zip(srow, wrow) if s >= 0))
-            if len(key) >= 2 and lens_l[q] > 0:
+            if key and lens_l[q] > 0:
                 groups.setdefault(key, []).append(q)
         n_items, tok_at = 0, 0
         for key, qs in groups.items():
             n = sum(lens_l[q] for q in qs)
-            if n < CONCAT_MIN_TOKENS:
+            if n < DENSE_MIN_TOKENS:
                 continue
-            toks = torch.cat([torch.arange(qsl_l[q], qsl_l[q + 1]) for q in qs])
-            contiguous = int(toks[-1]) - int(toks[0]) + 1 == n
-            self.cplan[n_items] = torch.tensor([int(toks[0]) if contiguous else -1, tok_at, tok_at + n])
+            contiguous = all(qsl_l[a + 1] == qsl_l[b] for a, b in zip(qs, qs[1:]))
+            self.cplan[n_items] = torch.tensor([qsl_l[qs[0]] if contiguous else -1, tok_at, tok_at + n])
             self.cslots[n_items].fill_(-1)
             self.cweights[n_items].zero_()
-            for j, (s, w) in enumerate(key):
-                self.cslots[n_items, j], self.cweights[n_items, j] = s, w
+            self.cslots[n_items, :len(key)] = torch.tensor([s for s, _ in key])
+            self.cweights[n_items, :len(key)] = torch.tensor([w for _, w in key], dtype=torch.float64)
             if not contiguous:
+                toks = torch.cat([torch.arange(qsl_l[q], qsl_l[q + 1]) for q in qs])
                 self.ctok[tok_at:tok_at + n].copy_(toks, non_blocking=True)
-            tok_at += n
+                tok_at += n
             n_items += 1
             left[qs] = False
-        self._n_concat = n_items
+        self._n_dense = n_items
         return left
 
-    def _build_plan(self, tok_slots, tok_w, valid, n_pairs: int) -> int:
-        """Sort (token, j) pairs by (slot, token); one plan row per distinct slot."""
+    def _build_buckets(self, tok_slots, tok_w, valid, info: list) -> None:
+        """Sort the (token, j) pairs by slot, bucket the slots by token count, pad each slot's
+        token list to its bucket's M; one plan row per distinct slot, bucket rows into info."""
         T, K = tok_slots.shape
         tok = torch.arange(T, dtype=torch.int64).unsqueeze(1).expand(T, K)[valid]   # (P,)
         slot = tok_slots.to(torch.int64)[valid]                                    # (P,)
         w = tok_w[valid]                                                            # (P,)
         order = torch.argsort(slot * T + tok)      # tokens of one slot are unique after merging
         tok, slot, w = tok[order], slot[order], w[order]
-        uniq, counts = torch.unique_consecutive(slot, return_counts=True)
+        uniq, counts = torch.unique_consecutive(slot, return_counts=True)           # (G,)
+        bucket = torch.ceil(torch.log2(counts.double())).long()                     # (G,) c in (2^(b-1), 2^b]
+        by_bucket = torch.argsort(bucket, stable=True)                              # slot rows, bucket order
+        pair_at = counts.cumsum(0) - counts                                          # first pair of each slot
+        uniq, counts, bucket, pair_at = uniq[by_bucket], counts[by_bucket], bucket[by_bucket], pair_at[by_bucket]
         G = uniq.numel()
-        ends = counts.cumsum(0)
-        begins = ends - counts
-        first, last = tok[begins], tok[ends - 1]
-        contiguous = (last - first + 1) == counts
-        gid = torch.repeat_interleave(torch.arange(G), counts)
-        wmin = torch.full((G,), float("inf")).scatter_reduce(0, gid, w, "amin")
-        wmax = torch.full((G,), float("-inf")).scatter_reduce(0, gid, w, "amax")
-        plan = torch.stack([uniq, begins, ends, torch.where(contiguous, first, torch.full_like(first, -1)),
-                            (wmin == wmax).to(torch.int64)], dim=1)
-        self.plan[:G].copy_(plan)
-        self.plan_w[:G].copy_(wmin.to(torch.float64))
-        self.pair_tok[:n_pairs].copy_(tok, non_blocking=True)
-        self.pair_w[:n_pairs].copy_(w, non_blocking=True)
-        return G
+        _, bk_sizes = torch.unique_consecutive(bucket, return_counts=True)
+        M = torch.zeros_like(counts)                                                 # (G,) padded length
+        rows, r0, p0 = [], 0, 0
+        for n_slots in bk_sizes.tolist():
+            m = int(counts[r0:r0 + n_slots].max())
+            M[r0:r0 + n_slots] = m
+            rows.append((r0, r0 + n_slots, p0, m))
+            r0, p0 = r0 + n_slots, p0 + n_slots * m
+        begin = M.cumsum(0) - M                                                      # (G,) padded offsets
+        # Padded layout: every position first takes its slot's first token with weight 0, then the
+        # real pairs overwrite the first `count` positions.
+        n_pad = p0
+        pad_tok = tok[pair_at].repeat_interleave(M)                                  # (n_pad,)
+        pad_w = torch.zeros((n_pad,), dtype=torch.float32)
+        row_of_pair = torch.repeat_interleave(torch.arange(G), counts)              # (P,) pairs, new row order
+        j = torch.arange(row_of_pair.numel()) - (counts.cumsum(0) - counts)[row_of_pair]   # index within its slot
+        src, dst = pair_at[row_of_pair] + j, begin[row_of_pair] + j
+        pad_tok[dst] = tok[src]
+        pad_w[dst] = w[src]
+        self.plan[:G].copy_(torch.stack([uniq, begin, begin + M, counts, bucket], dim=1))
+        self.pair_tok[:n_pad].copy_(pad_tok, non_blocking=True)
+        self.pair_w[:n_pad].copy_(pad_w, non_blocking=True)
+        info[INFO_GROUPS], info[INFO_PAIRS], info[INFO_BUCKETS] = G, n_pad, len(rows)
+        for b, row in enumerate(rows):
+            info[INFO_BUCKET_ROWS + 4 * b: INFO_BUCKET_ROWS + 4 * b + 4] = row

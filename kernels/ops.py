@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import (INFO_ACTIVE, INFO_CONCAT, INFO_GROUPS, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_TOKENS, DeltaMeta)
+from .meta import (INFO_ACTIVE, INFO_BUCKETS, INFO_CONCAT, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_TOKENS, DeltaMeta)
 from .torch_ops import delta_torch
 
 BACKENDS = ("auto", "torch", "triton")
@@ -57,10 +57,10 @@ def _apply_delta_impl(
     seq_start: torch.Tensor,      # (max_seqs+1,) int32
     seq_slots: torch.Tensor,      # (max_seqs, K) int32
     seq_weights: torch.Tensor,    # (max_seqs, K) float32
-    pair_tok: torch.Tensor,       # (max_tokens*K,) int64
-    pair_w: torch.Tensor,         # (max_tokens*K,) float32
+    pair_tok: torch.Tensor,       # (max_pairs,) int64
+    pair_w: torch.Tensor,         # (max_pairs,) float32
     plan: torch.Tensor,           # (max_groups, 5) int64, CPU
-    plan_w: torch.Tensor,         # (max_groups,) float64, CPU
+    plan_w: torch.Tensor,         # (max_groups,) float64, CPU (not read; kept for the schema)
     cplan: torch.Tensor,          # (max_seqs, 3) int64, CPU
     cslots: torch.Tensor,         # (max_seqs, K) int64, CPU
     cweights: torch.Tensor,       # (max_seqs, K) float64, CPU
@@ -76,10 +76,9 @@ def _apply_delta_impl(
         raise ValueError(f"backend must be one of {BACKENDS}")
     use_triton = backend == "triton" or (backend == "auto" and y.is_cuda)
     if not use_triton:
-        if info[INFO_GROUPS] == 0 and info[INFO_CONCAT] == 0:
+        if info[INFO_BUCKETS] == 0 and info[INFO_CONCAT] == 0:
             raise RuntimeError("the torch path needs DeltaMeta(..., build_plan=True)")
-        delta_torch(y, x, a_pool, b_pool, slot_ranks, plan, plan_w, pair_tok, pair_w, info[INFO_GROUPS],
-                    cplan, cslots, cweights, ctok, info[INFO_CONCAT])
+        delta_torch(y, x, a_pool, b_pool, slot_ranks, plan, pair_tok, pair_w, cplan, cslots, cweights, ctok, info)
         return
     h = _shrink_triton(x, a_pool, slot_ranks, token_slots, seq_start, seq_slots, info[INFO_MAX_SEQ_LEN] <= 1)
     _expand_triton(y, h, b_pool, slot_ranks, token_slots, token_weights, seq_start, seq_slots,

@@ -7,7 +7,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from helpers_kernels import assert_matches, make_problem
 from wrag_kernels import DeltaMeta, apply_delta
-from wrag_kernels.meta import CONCAT_MIN_TOKENS
+from wrag_kernels.meta import DENSE_MIN_TOKENS, INFO_BUCKETS, INFO_CONCAT, INFO_GROUPS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -21,13 +21,15 @@ def test_torch_path_matches_dense(dtype, layout, n_slices):
 
 
 def test_plan_uses_both_paths():
-    """The prefill problem exercises concat groups (contiguous and not) and slot groups."""
+    """The prefill problem exercises dense groups (contiguous and not) and slot buckets."""
     p = make_problem("prefill")
     info = p.meta.host_info.tolist()
-    n_concat, n_groups = info[7], info[5]
-    assert n_concat == 2 and n_groups > 0
-    assert sorted(p.meta.cplan[:2, 0].tolist())[0] == -1          # the split [0,1,2] group
-    assert 17 >= CONCAT_MIN_TOKENS
+    # dense: the split [0,1,2] pair of requests, the 17-token 8-shard one, [5,5,8] (4 tokens), [9]
+    assert info[INFO_CONCAT] == 4 and DENSE_MIN_TOKENS <= 4
+    assert sorted(p.meta.cplan[:4, 0].tolist())[0] == -1          # the split [0,1,2] group
+    # buckets: the 3-token requests [4] and [4, 6]: slot 4 has 6 tokens, slot 6 has 3
+    assert info[INFO_GROUPS] == 2 and info[INFO_BUCKETS] == 2
+    assert sorted(p.meta.plan[:2, 3].tolist()) == [3, 6]
 
 
 @pytest.mark.parametrize("shape", [(64, 128, 8), (576, 1536, 16)])
@@ -175,19 +177,31 @@ def test_compile_fullgraph_inductor():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_concat_groups_large_requests(dtype, monkeypatch):
-    """Long requests sharing a shard list run as one concatenated rank-Σr adapter (contiguous and
-    split groups); small groups fall back to per-slot GEMMs. Both must match the reference."""
+def test_dense_groups_large_requests(dtype):
+    """Long requests sharing a shard list run as one dense rank-Σr adapter (contiguous and split
+    groups); a small request goes to the slot buckets. All must match the reference."""
     reqs = [(40, [0, 1, 2], [0.5, 1.0, -0.75]), (3, [], []), (30, [0, 1, 2], [0.5, 1.0, -0.75]),
             (50, [3, 4], [1.0, 0.25]), (2, [3, 4], [1.0, 0.5])]
     ranks = [4, 2, 4, 8, 3, 8]
-    cats = []
-    real_cat = torch.cat
-    monkeypatch.setattr(torch, "cat", lambda *a, **k: (cats.append(1), real_cat(*a, **k))[1])
     p = make_problem("prefill", 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24)
-    assert p.meta.host_info[7].item() == 2                       # two concat groups planned
-    n_cat_fill = len(cats)
+    info = p.meta.host_info.tolist()
+    assert info[INFO_CONCAT] == 2 and info[INFO_GROUPS] == 2      # two dense groups; slots 3, 4
     out = p.y.clone()
     apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
-    assert len(cats) - n_cat_fill == 2 * 3                       # a_cat, b_cat, w_col per group
     assert_matches(out, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_buckets_mixed_sharing(dtype):
+    """Decode where a common shard is shared by every request and the others are per request, with
+    mixed ranks (masked past each slot's rank) and a chunk of prefill in the same batch: buckets
+    of 1, 2 and many tokens per slot, and a dense group."""
+    reqs = [(1, [0, 1 + q, 9 + q % 3], [1.0, 0.5, -0.25]) for q in range(8)]
+    reqs += [(1, [-1], [0.0]), (9, [0, 12], [0.5, 2.0]), (1, [12], [1.0])]
+    ranks = [8, 2, 8, 5, 0, 8, 1, 8, 3, 8, 4, 8, 6]
+    for layout in ("prefill", "decode"):
+        p = make_problem(layout, 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24, k_max=3)
+        out = p.y.clone()
+        apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
+        assert_matches(out, p)
+        assert p.meta.host_info[INFO_BUCKETS].item() >= 2
