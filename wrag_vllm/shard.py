@@ -143,6 +143,9 @@ class Shard:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shard file is ordinary data
         try:
             save_file(tensors, tmp, metadata={"wrag": json.dumps(self.meta())})
             with open(tmp, "rb") as fh:
