@@ -193,3 +193,15 @@ def test_pool_lru_pins_and_meta(tmp_path, tiny_fp):
     assert set(pool.slot_of) == {"b", "c"} and pool.evictions == 1
     with pytest.raises(RuntimeError, match="more than 2"):
         pool.step([[ref("a")], [ref("b"), ref("c")]], qsl)
+
+
+@pytest.mark.parametrize("additional, env, on", [
+    ({}, {}, False),                                   # installed but not asked for: plain vLLM
+    ({"wrag": {"top_k": 2}}, {}, True),
+    ({}, {"VLLM_PLUGINS": "foo,wrag"}, True),
+    ({}, {"WRAG_ENABLED": "1"}, True),
+    ({"wrag": {"enabled": False}}, {"VLLM_PLUGINS": "wrag"}, False),
+    ({"wrag": {}}, {"WRAG_ENABLED": "0"}, False),
+])
+def test_wrag_acts_only_when_asked(additional, env, on):
+    assert WragConfig.from_sources(additional, environ=env).enabled is on

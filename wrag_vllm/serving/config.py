@@ -2,6 +2,8 @@
 
 Sources, later wins:
     defaults  <  vLLM --additional-config '{"wrag": {...}}'  <  WRAG_* environment variables
+WRAG is on only for a server that asks for it: a "wrag" section in --additional-config, "wrag" in
+VLLM_PLUGINS (as `wrag serve` sets), or WRAG_ENABLED=1.
 
 Every process of a server (API server, engine core, workers) sees the same vLLM config and the same
 environment, so each one derives the same WragConfig without talking to the others.
@@ -29,7 +31,10 @@ class WragConfig:
     store: str = field(default_factory=default_store_path)
     top_k: int = 3                 # shards retrieved per request
     max_top_k: int = 16            # largest wrag_top_k a request may ask for
-    threshold: float = 0.3         # cosine score below which a retrieved shard is dropped
+    # Cosine score below which a retrieved shard is dropped. Measured with MiniLM on the demo's 4
+    # domains: 0.15 keeps 92.5% of 240 held-out domain prompts and retrieves for 5 of 20 general
+    # requests (0.3 kept 33%; 0.2 kept 80% / 1 of 20).
+    threshold: float = 0.15
     temperature: float = 0.1       # weights = softmax(score / temperature) over the kept shards
     method: str = METHOD_DEFAULT   # composition method (wrag_vllm.compose.METHODS)
     method_params: dict = field(default_factory=dict)
@@ -63,6 +68,11 @@ class WragConfig:
         if not isinstance(section, dict):
             raise WragError(f'--additional-config "wrag" must be a JSON object, got {section!r}')
         cfg = cls()
+        # The general plugin loads in every vLLM process of an environment where this package is
+        # installed; WRAG acts only on servers that ask for it (a "wrag" section in
+        # --additional-config, "wrag" in VLLM_PLUGINS, or WRAG_ENABLED=1). Others stay plain vLLM.
+        plugins = [p.strip() for p in env.get("VLLM_PLUGINS", "").split(",")]
+        cfg.enabled = bool(section) or "wrag" in plugins
         names = {f.name: f for f in fields(cls)}
         for k, v in section.items():
             k = k.replace("-", "_")
