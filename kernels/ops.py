@@ -85,14 +85,23 @@ def _apply_delta_impl(
                    seq_weights, info[INFO_MAX_SEQ_LEN] <= 1)
 
 
-_apply_delta_op = torch.library.custom_op("wrag::apply_delta", _apply_delta_impl, mutates_args=("y",))
-
-
-@_apply_delta_op.register_fake
-def _(y, x, a_pool, b_pool, slot_ranks, token_slots, token_weights, seq_start, seq_slots,
-      seq_weights, pair_tok, pair_w, plan, plan_w, cplan, cslots, cweights, ctok, host_info,
-      backend) -> None:
+# Registered like vLLM's direct_register_custom_op (Library.define + impl per dispatch key), not with
+# torch.library.custom_op: the latter's Python wrapper layers cost 80-180 µs per call on CPU, and a
+# compiled decoder calls this op twice per layer per step (measured: -19% server throughput).
+def _apply_delta_fake(y, x, a_pool, b_pool, slot_ranks, token_slots, token_weights, seq_start, seq_slots,
+                      seq_weights, pair_tok, pair_w, plan, plan_w, cplan, cslots, cweights, ctok, host_info,
+                      backend) -> None:
     return None
+
+
+# Defined once per process: the same files can be imported twice under two names (`wrag_kernels`,
+# and `kernels` when the repo root is on sys.path and a library probes for the PyPI `kernels`).
+if not hasattr(torch.ops.wrag, "apply_delta"):
+    _LIB = torch.library.Library("wrag", "FRAGMENT")
+    _LIB.define("apply_delta" + torch.library.infer_schema(_apply_delta_impl, mutates_args=("y",)))
+    for _key in ("CPU", "CUDA"):
+        _LIB.impl("apply_delta", _apply_delta_impl, _key)
+    torch.library.register_fake("wrag::apply_delta", _apply_delta_fake, lib=_LIB)
 
 
 def _shrink_triton(x, a_pool, slot_ranks, token_slots, seq_start, seq_slots, decode: bool) -> torch.Tensor:

@@ -160,7 +160,9 @@ def _bucket_gathered(y, x, a_pool, b_pool, slots, rks, tok, w, m: int, mask: boo
     d_out = b_pool.shape[2]
     G = slots.numel()
     a_g = a_pool[:, :, :r_eff].transpose(0, 1).index_select(0, slots)        # (G, ns, R_eff, d_in)
-    b_g = b_pool[:, :, :, :r_eff].index_select(1, slots)                      # (ns, G, d_out, R_eff)
+    # Gather whole slots, then slice the rank: gathering from the rank-sliced (strided) view is
+    # 6-15x slower. Merging dims 0 and 1 in the view below stays valid for the slice.
+    b_g = b_pool.index_select(1, slots)[..., :r_eff]                         # (ns, G, d_out, R_eff)
     if mask:                                                 # zero what lies past each slot's rank
         past = torch.arange(r_eff, device=rks.device) >= rks.unsqueeze(1)      # (G, R_eff)
         a_g.masked_fill_(past[:, None, :, None], 0)

@@ -87,7 +87,8 @@ class WragEndpoint:
     def __init__(self):
         self.cfg: WragConfig | None = None
         self.resolver: Resolver | None = None
-        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="wrag-retrieve")
+        # Threads mostly wait on the embedding batch led by one of them (resolver.EmbedBatcher).
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="wrag-retrieve")
         self.tokens: list[str] = []
         self.metrics = None
 

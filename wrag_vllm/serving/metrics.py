@@ -108,6 +108,9 @@ class _EngineCollector:
         n = g("composition_count")
         yield GaugeMetricFamily("wrag_composition_cache_hit_rate", "WRAG composition cache hit rate",
                                 value=(g("composition_cache_hits") / n) if n else 0.0)
+        yield CounterMetricFamily("wrag_prepare_seconds", "WRAG request preparation time in the engine core "
+                                  "(store load + composition + payload)", value=g("prepare_seconds_sum"))
+        yield CounterMetricFamily("wrag_prepared_requests", "WRAG requests prepared", value=g("prepared"))
         yield CounterMetricFamily("wrag_pool_evictions", "WRAG device pool evictions", value=g("pool_evictions"))
         yield CounterMetricFamily("wrag_pool_loads", "WRAG device pool slot loads", value=g("pool_loads"))
 
