@@ -4,7 +4,7 @@
   random-weight Llama of the same shape; or any Llama shape with random weights (GPU runs);
 * a domain catalogue (16 domains × 4 sub-topics = 64 descriptions, more by numbered variants) and
   random rank-r FFN shards registered in a temporary ShardStore;
-* `Server`: tests/helpers_server.Server (a real `vllm serve` in its own process group, killed as a
+* `Server`: wrag_vllm.serving.launch.VllmServer (a real `vllm serve` in its own process group, killed as a
   group) with the command line chosen here (dtype, lengths, compile, LoRA, WRAG on/off);
 * an async streaming load generator (httpx): N closed-loop clients on 127.0.0.1, per request
   TTFT = first content chunk − send, ITL = gaps between content chunks / tokens in the chunk,
@@ -34,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import helpers_server  # noqa: E402
+from wrag_vllm.serving.launch import VllmServer  # noqa: E402
 
 
 def _on_sigterm(signum, frame):
@@ -182,40 +183,23 @@ def build_store(store_dir: Path, shards, batch: int = 500):
 
 
 # ---------------------------------------------------------------------------- server
-class Server(helpers_server.Server):
+class Server(VllmServer):
     """`vllm serve` for benchmarks. wrag=None → plain vLLM (no WRAG plugin loaded at all)."""
 
     def __init__(self, model_dir, tmp_dir, *, name: str, dtype: str = "bfloat16", max_model_len: int = 512,
                  max_num_seqs: int = 16, kv_bytes: int = 512 << 20, eager: bool = False,
                  wrag: dict | None = None, store_dir=None, extra_args=(), env=None, served_name="model"):
         tmp_dir = Path(tmp_dir) / name
-        tmp_dir.mkdir(parents=True, exist_ok=True)
         self.name = name
-        self.port = helpers_server.free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.api_key = None
-        self.log_path = tmp_dir / "vllm-server.log"
-        cmd = [str(helpers_server.VENV_BIN / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--dtype", dtype, "--max-model-len", str(max_model_len),
-               "--max-num-seqs", str(max_num_seqs), "--served-model-name", served_name,
-               "--kv-cache-memory-bytes", str(kv_bytes), *extra_args]
-        if wrag is not None:
-            cmd += ["--additional-config", json.dumps({"wrag": {"store": str(store_dir), **wrag}})]
-        if eager:
-            cmd.append("--enforce-eager")
-        e = dict(os.environ)
-        e.update({"VLLM_PLUGINS": "wrag" if wrag is not None else "none",
-                  "VLLM_CACHE_ROOT": str(tmp_dir / "vllm-cache"), "VLLM_CPU_KVCACHE_SPACE": "1",
-                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "VLLM_LOGGING_LEVEL": "INFO"})
-        e.setdefault("OMP_NUM_THREADS", "1")
-        e.pop("WRAG_RUN_DIR", None)
-        e.update(env or {})
-        self.cmd, self.env_used = cmd, {k: e[k] for k in ("VLLM_PLUGINS", "OMP_NUM_THREADS") if k in e}
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=e,
-                                     start_new_session=True, cwd=str(tmp_dir))
-
+        e = {"VLLM_CACHE_ROOT": str(tmp_dir / "vllm-cache"), "VLLM_LOGGING_LEVEL": "INFO", "WRAG_RUN_DIR": None,
+             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+             **({} if wrag is not None else {"VLLM_PLUGINS": "none"}), **(env or {})}
+        super().__init__(model_dir, tmp_dir, wrag=None if wrag is None else {"store": str(store_dir), **wrag},
+                         eager=eager, env=e, kv_cache_bytes=kv_bytes, served_name=served_name,
+                         extra_args=["--dtype", dtype, "--max-model-len", str(max_model_len),
+                                     "--max-num-seqs", str(max_num_seqs), *extra_args])
+        self.env_used = {k: v for k, v in (("VLLM_PLUGINS", e.get("VLLM_PLUGINS", "wrag")),
+                                           ("OMP_NUM_THREADS", e["OMP_NUM_THREADS"]))}
 
     def stop(self) -> None:
         super().stop()

@@ -62,7 +62,11 @@ class VllmServer:
             e["VLLM_PLUGINS"] = ",".join(plugins + ["wrag"] * ("wrag" not in plugins))
         else:
             e["WRAG_ENABLED"] = "0"
-        e.update(env or {})
+        for k, v in (env or {}).items():  # None removes a variable
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
         self.cmd = cmd
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e,
