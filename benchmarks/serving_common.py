@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))   # helpers_server, helpers_shards
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import helpers_server  # noqa: E402
+from machine import describe, package_version, versions_line  # noqa: E402
 from wrag_vllm.serving.launch import VllmServer  # noqa: E402
 
 
@@ -370,23 +371,12 @@ def metrics_delta(a: dict, b: dict) -> dict:
 
 # ---------------------------------------------------------------------------- reporting
 def machine() -> dict:
+    """describe() of the GPU the servers use (if any) plus memory, the client's httpx and code hashes."""
+    import hashlib
+
+    import psutil
     import torch
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    vers = {"python": platform.python_version(), "torch": torch.__version__}
-    for m in ("vllm", "transformers", "faiss", "httpx"):
-        with contextlib.suppress(Exception):
-            vers[m] = __import__(m).__version__
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
-    import hashlib
-    import psutil
     code = {}
     for sub in ("kernels", "wrag_vllm/serving", "wrag_vllm/compose"):
         h = hashlib.sha256()
@@ -396,10 +386,11 @@ def machine() -> dict:
     with contextlib.suppress(Exception):
         code["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return {"cpu": cpu, "code_sha256": code, "cores": os.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "gpu": gpu, "platform": platform.platform(), "versions": vers, "loadavg": os.getloadavg(),
+    d = describe("cuda:0" if torch.cuda.is_available() else "cpu")
+    return {**d, "httpx": package_version("httpx"), "code_sha256": code,
+            "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "gpu_note": None if gpu else "no GPU: CPU build of vLLM"}
+            "gpu_note": None if d["gpu"] else "no GPU: CPU build of vLLM"}
 
 
 def write_results(stem: str, data: dict, table_md: str, out_dir: Path = RESULTS) -> dict:
@@ -408,7 +399,7 @@ def write_results(stem: str, data: dict, table_md: str, out_dir: Path = RESULTS)
     p_json.write_text(json.dumps(data, indent=2, default=str))
     m = data.get("machine", {})
     head = (f"# {stem}\n\nMachine: {m.get('cpu')} ({m.get('cores')} cores), GPU: {m.get('gpu') or 'none'}; "
-            f"versions {m.get('versions')}; {m.get('time_utc')}\n\nSettings: `{json.dumps(data.get('settings', {}))}`\n\n")
+            f"versions {versions_line(m)}, httpx {m.get('httpx')}; {m.get('time_utc')}\n\nSettings: `{json.dumps(data.get('settings', {}))}`\n\n")
     (out_dir / f"{stem}.md").write_text(head + table_md + "\n")
     return {"json": str(p_json), "md": str(out_dir / f"{stem}.md"), "png": str(out_dir / f"{stem}.png")}
 

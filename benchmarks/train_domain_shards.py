@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from machine import describe  # noqa: E402
 from wrag_vllm.basemodel import ensure_base_model  # noqa: E402
 from wrag_vllm.domains import DOMAINS, build_domain  # noqa: E402
 from wrag_vllm.train import train_shard  # noqa: E402
@@ -31,19 +31,8 @@ SETTINGS = dict(rank=8, steps=80, lr=2e-3, batch_size=4, seq_len=256, seed=0, dt
 
 
 def machine() -> dict:
-    import torch
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import vllm
-        vv = vllm.__version__
-    except Exception:  # noqa: BLE001 - optional
-        vv = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "vllm": vv, "python": platform.python_version()}
+    """benchmarks/machine.py's describe(); kept under this name because eval_quality.py imports it."""
+    return describe()
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 // WRAG chat page. Plain JS, no framework, no build: talks to the server that served it.
 //   chat:   POST /v1/chat/completions (stream: true); the response headers x-wrag-shards ("id=weight,..."
-//           or "-"), x-wrag-method and x-wrag-source say which shards were applied
-//   scores: POST /wrag/retrieve with the same text/top_k/method (retrieval is deterministic)
+//           or "-"), x-wrag-scores ("id=cosine,..."), x-wrag-method and x-wrag-source say which
+//           shards were applied
 //   store:  GET/POST /wrag/shards, DELETE /wrag/shards/{id}, GET /wrag/config
 // Every text from the server is put into the page with textContent (never parsed as HTML).
 "use strict";
@@ -344,7 +344,7 @@
         failCard(card, errorText(resp.status, await resp.text()));
         return null;
       }
-      showPlan(card, resp.headers, xargs, query);
+      showPlan(card, resp.headers);
       setState(card, "streaming", "streaming…");
       const reader = resp.body.getReader();
       const dec = new TextDecoder();
@@ -389,9 +389,11 @@
     }
   }
 
-  // Shards from the response headers; scores (retrieved plans only) from POST /wrag/retrieve.
-  async function showPlan(card, h, xargs, query) {
+  // Shards, weights and (for retrieved plans) cosine scores all come from the response headers.
+  function showPlan(card, h) {
     const shards = parseShardHeader(h.get("x-wrag-shards"));
+    const scores = new Map(parseShardHeader(h.get("x-wrag-scores")).map((s) => [s.id, s.weight]));
+    for (const s of shards) s.score = scores.get(s.id);
     const method = h.get("x-wrag-method");
     const source = h.get("x-wrag-source") || (h.get("x-wrag-shards") === null ? "unknown" : "");
     card.dataset.shards = h.get("x-wrag-shards") || "";
@@ -402,16 +404,6 @@
       return;
     }
     plan.replaceChildren(planView(shards, method, source));
-    if (source !== "retrieved" || !shards.length) return;
-    const body = { text: query };
-    if (xargs.wrag_top_k) body.top_k = xargs.wrag_top_k;
-    if (xargs.wrag_method) body.method = xargs.wrag_method;
-    try {
-      const r = await api("POST", "wrag/retrieve", body);
-      const scores = new Map((r.shards || []).map((s) => [s.id, s.score]));
-      for (const s of shards) s.score = scores.get(s.id);
-      plan.replaceChildren(planView(shards, method, source));
-    } catch (e) { /* scores are a bonus: the applied shards and weights are already shown */ }
   }
 
   function controls() {
