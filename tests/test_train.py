@@ -116,10 +116,13 @@ def test_non_ffn_targets_refused(tiny_dir, tmp_path, targets):
     assert not (tmp_path / "w").exists(), "refused before any work"
 
 
-def test_attention_never_trained_even_with_override(tiny_dir, tmp_path):
-    with pytest.raises(ShardError, match="only trains FFN"):
-        train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w", target_modules=["q_proj"],
-                          allow_attention=True, **FAST)
+def test_attention_only_with_the_research_override(tiny_dir, tmp_path):
+    """The attention ablation trains q/k/v/o too; only with the explicit override."""
+    shard = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w",
+                              target_modules=["gate_proj", "q_proj"], allow_attention=True, **FAST)
+    assert shard.target_modules == ["gate_proj", "q_proj"]
+    with pytest.raises(ShardError, match="instruction following"):
+        shard.validate()
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():

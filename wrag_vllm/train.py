@@ -109,7 +109,8 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------ adapter -> shard
 def adapter_to_shard(peft_model, base, shard_id: str, description: str = "", samples=None,
-                     factor_dtype: torch.dtype = torch.bfloat16, provenance: dict | None = None) -> Shard:
+                     factor_dtype: torch.dtype = torch.bfloat16, provenance: dict | None = None,
+                     allow_attention: bool = False) -> Shard:
     """The trained PEFT adapter as a validated Shard (the one place that knows how to convert).
 
     Goes through the PEFT directory format and `peft_io.import_peft` (scale = lora_alpha / r), the
@@ -119,12 +120,13 @@ def adapter_to_shard(peft_model, base, shard_id: str, description: str = "", sam
 
     with tempfile.TemporaryDirectory(prefix="wrag-train-") as d:
         peft_model.save_pretrained(d, safe_serialization=True)
-        shard = import_peft(d, base, shard_id=shard_id, description=description, samples=samples)
+        shard = import_peft(d, base, shard_id=shard_id, description=description, samples=samples,
+                            allow_attention=allow_attention)
     for k, f in shard.factors.items():
         shard.factors[k] = Factors(f.A.detach().to(factor_dtype).contiguous(),
                                    f.B.detach().to(factor_dtype).contiguous(), f.scale)
     shard.provenance = {**(provenance or {}), "source": "wrag train"}
-    return shard.validate()
+    return shard.validate(allow_attention)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -160,10 +162,7 @@ def train_shard(base_dir: str | os.PathLike, texts: list[str], out_path: str | o
     call continues); it exists to test and to split long runs. Returns the shard (also saved to
     `out_path` when given); raises WragError for bad inputs and ShardError for refused targets.
     """
-    check_modules(list(target_modules), allow_attention)
-    if allow_attention:
-        raise ShardError("wrag train only trains FFN shards; attention targets are for imported research "
-                         "adapters, never trained here")
+    check_modules(list(target_modules), allow_attention)  # attention only with the research override
     if rank < 1 or steps < 1 or batch_size < 1 or seq_len < 2 or lr <= 0:
         raise WragError("rank, steps, batch size must be >= 1, seq_len >= 2 and lr > 0")
     if dtype not in _TORCH_DTYPES or factor_dtype not in _TORCH_DTYPES:
@@ -272,7 +271,8 @@ def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, 
             "train_seconds": round(train_s, 1), "load_seconds": round(load_s, 1),
             "threads": torch.get_num_threads(), "work_dir": str(work)}
     shard = adapter_to_shard(model, base_fp, shard_id, description, samples,
-                             _TORCH_DTYPES[factor_dtype], prov)
+                             _TORCH_DTYPES[factor_dtype], prov,
+                             allow_attention=any(m not in FFN_MODULES for m in target_modules))
     if out_path is not None:
         shard.save(out_path)
     return shard
