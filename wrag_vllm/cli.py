@@ -52,32 +52,13 @@ def _read_samples(path: str | None) -> list[str]:
 
 # ------------------------------------------------------------------ commands
 def cmd_add(args) -> int:
-    from .peft_io import import_peft
-    from .shard import load_shard
+    from .fingerprint import fingerprint_dir
+    from .peft_io import shard_from_path
 
     store = _open(args)
-    path = Path(args.path)
-    samples = _read_samples(args.samples)
-    if path.is_dir():
-        base = store.base
-        if base is None:
-            if not args.base:
-                raise WragError("the store has no base model yet: pass --base MODEL_DIR so the PEFT "
-                                "adapter can be checked against the model it was trained for")
-            from .fingerprint import fingerprint_dir
-            base = fingerprint_dir(args.base)
-        shard = import_peft(path, base, shard_id=args.id, description=args.description or "",
-                            samples=samples, allow_attention=args.allow_attention)
-    elif path.is_file():
-        shard = load_shard(path, allow_attention=args.allow_attention)
-        if args.id:
-            shard.id = args.id
-        if args.description:
-            shard.description = args.description
-        if samples:
-            shard.samples = samples
-    else:
-        raise WragError(f"no such shard file or PEFT directory: {path}")
+    base = store.base or (fingerprint_dir(args.base) if args.base else None)
+    shard = shard_from_path(args.path, base, shard_id=args.id, description=args.description,
+                            samples=_read_samples(args.samples), allow_attention=args.allow_attention)
     row = store.add(shard, allow_attention=args.allow_attention)
     _print(args, row, f"added {row['id']} (rank {shard.rank}, {len(shard.factors)} projections, "
                       f"{shard.nbytes() / 1e6:.2f} MB)")

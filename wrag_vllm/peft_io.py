@@ -162,3 +162,28 @@ def export_peft(shard: Shard, out_dir: str | Path, base_model_name_or_path: str 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: str | None = None,
+                    description: str | None = None, samples: list[str] | None = None,
+                    allow_attention: bool = False) -> Shard:
+    """A shard file or a PEFT adapter directory as a validated Shard, with the given overrides.
+
+    `base` is the model a PEFT adapter is checked against (a shard file carries its own).
+    """
+    from .shard import load_shard
+
+    path = Path(path)
+    if path.is_dir():
+        if base is None:
+            raise ShardError("the store has no base model yet: give the base model (--base MODEL_DIR) so "
+                             "the PEFT adapter can be checked against the model it was trained for")
+        return import_peft(path, base, shard_id=shard_id, description=description or "", samples=samples,
+                           allow_attention=allow_attention)
+    if not path.is_file():
+        raise ShardError(f"no such shard file or PEFT directory: {path}")
+    shard = load_shard(path, allow_attention=allow_attention)
+    shard.id = shard_id or shard.id
+    shard.description = description or shard.description
+    shard.samples = list(samples) if samples else shard.samples
+    return shard.validate(allow_attention)

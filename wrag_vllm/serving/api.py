@@ -215,31 +215,18 @@ class WragEndpoint:
     def _add(self, body: dict) -> dict:
         from pathlib import Path
 
-        from ..shard import load_shard
+        from ..peft_io import shard_from_path
 
-        path = Path(body["path"])
+        if not Path(body["path"]).exists():  # say where the path was looked up
+            raise WragError(f"no such shard file or PEFT directory on the server: {body['path']}")
         samples = body.get("samples") or []
         if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
             raise WragError('"samples" must be a list of strings')
         with self.resolver._lock:
             st = self.resolver.store
             st.refresh()
-            if path.is_dir():
-                from ..peft_io import import_peft
-                if st.base is None:
-                    raise WragError("the store has no base model yet: add a shard file first")
-                shard = import_peft(path, st.base, shard_id=body.get("id"),
-                                    description=body.get("description") or "", samples=samples)
-            elif path.is_file():
-                shard = load_shard(path)
-                if body.get("id"):
-                    shard.id = str(body["id"])
-                if body.get("description"):
-                    shard.description = str(body["description"])
-                if samples:
-                    shard.samples = samples
-            else:
-                raise WragError(f"no such shard file or PEFT directory on the server: {path}")
+            shard = shard_from_path(body["path"], st.base, shard_id=body.get("id") or None,
+                                    description=body.get("description") or None, samples=samples)
             return st.add(shard)
 
     # ------------------------------------------------------------------ per request
