@@ -156,12 +156,10 @@ class WragEndpoint:
             plugin._check_key(request)
             need_active()
 
-            def do():
-                with plugin.resolver._lock:
-                    st = plugin.resolver.store
-                    st.refresh()
-                    return {"generation": getattr(st, "generation", None), "shards": st.list()}
-            return JSONResponse(json.loads(json.dumps(await plugin.run(do), default=str)))
+            def do(st):
+                return {"generation": getattr(st, "generation", None), "shards": st.list()}
+            return JSONResponse(json.loads(json.dumps(await plugin.run(plugin.resolver.with_store, do),
+                                                      default=str)))
 
         @router.post("/wrag/shards")
         async def add_shard(request: Request):
@@ -182,14 +180,11 @@ class WragEndpoint:
             plugin._check_key(request)
             need_active()
 
-            def do():
-                with plugin.resolver._lock:
-                    st = plugin.resolver.store
-                    st.refresh()
-                    st.remove(shard_id)
-                    return {"removed": shard_id, "generation": getattr(st, "generation", None)}
+            def do(st):
+                st.remove(shard_id)
+                return {"removed": shard_id, "generation": getattr(st, "generation", None)}
             try:
-                out = await plugin.run(do)
+                out = await plugin.run(plugin.resolver.with_store, do)
             except WragError as e:
                 return bad(e, 404 if "unknown" in str(e).lower() or "no shard" in str(e).lower() else 400)
             log.info("WRAG: shard %s removed through the admin route", shard_id)
@@ -222,12 +217,12 @@ class WragEndpoint:
         samples = body.get("samples") or []
         if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
             raise WragError('"samples" must be a list of strings')
-        with self.resolver._lock:
-            st = self.resolver.store
-            st.refresh()
+
+        def add(st):
             shard = shard_from_path(body["path"], st.base, shard_id=body.get("id") or None,
                                     description=body.get("description") or None, samples=samples)
             return st.add(shard)
+        return self.resolver.with_store(add)
 
     # ------------------------------------------------------------------ per request
     async def plan_for(self, path: str, body: dict):

@@ -137,6 +137,13 @@ class Resolver:
         with self._lock:
             self.store.refresh()
 
+    def with_store(self, fn):
+        """fn(store) under the resolver's lock, after picking up other processes' changes."""
+        with self._lock:
+            store = self.store
+            store.refresh()
+            return fn(store)
+
     def composite_needed(self, method: str, k: int) -> bool:
         return not (method == "linear" and k <= self.cfg.k_max)
 
