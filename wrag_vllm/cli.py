@@ -1,6 +1,7 @@
 """`wrag`: the command line over a shard store.
 
-    wrag add PATH [--id ID] [--description TEXT] [--samples FILE]   shard file or PEFT directory
+    wrag add PATH [--id ID] [--description TEXT] [--samples FILE] [--base DIR] [--overwrite]
+                                                                      shard file or PEFT directory
     wrag extract --base DIR --finetuned DIR --id ID (--rank R | --energy E)
     wrag ls | show ID | rm ID | search TEXT [-k N] | export ID --out DIR
     wrag merge / train / serve / demo                                 (registered by their modules)
@@ -17,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import WragError
+from . import jsonio
+from .errors import StoreError, WragError
 
 # Modules that add their own subcommands through register_cli(sub).
 PLUGGED_COMMANDS = ("wrag_vllm.compose.cli", "wrag_vllm.train", "wrag_vllm.serving.cli", "wrag_vllm.demo")
@@ -38,28 +40,58 @@ def _print(args, obj, text: str) -> None:
 
 
 def _read_samples(path: str | None) -> list[str]:
+    """Sample prompts from a text file (paragraphs split by blank lines) or a .jsonl file (one
+    object with a string "text" per line); WragError naming the file (and line) otherwise."""
     if not path:
         return []
     p = Path(path)
     if not p.is_file():
         raise WragError(f"samples file not found: {path}")
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise WragError(f"samples file {path}: cannot read it as UTF-8 text ({e})") from None
     if p.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        out = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            obj = jsonio.loads(line, f"{path}:{n}")
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise WragError(f"{path}:{n}: each line must be a JSON object with a string field \"text\"")
+            out.append(obj["text"])
+        return out
     chunks = [c.strip() for c in raw.split("\n\n")]  # paragraphs separated by blank lines
     return [c for c in chunks if c]
 
 
+def _base_for_add(store, base_dir: str | None):
+    """The base a new shard is checked against: the store's, with the facts (name, weight_rms)
+    of --base DIR filled in; StoreError if DIR is another model than the store's base."""
+    from .fingerprint import fingerprint_dir
+
+    if not base_dir:
+        return store.base
+    try:
+        given = fingerprint_dir(base_dir)
+    except (OSError, ValueError) as e:
+        raise WragError(f"--base {base_dir}: not a readable model folder ({e})") from None
+    if store.base is None:
+        return given
+    if (why := store.base.mismatch(given)) is not None:
+        raise StoreError(f"--base {base_dir} is not the base model of store {store.root}: {why}")
+    return store.base.merged(given)
+
+
 # ------------------------------------------------------------------ commands
 def cmd_add(args) -> int:
-    from .fingerprint import fingerprint_dir
     from .peft_io import shard_from_path
 
     store = _open(args)
-    base = store.base or (fingerprint_dir(args.base) if args.base else None)
-    shard = shard_from_path(args.path, base, shard_id=args.id, description=args.description,
-                            samples=_read_samples(args.samples), allow_attention=args.allow_attention)
-    row = store.add(shard, allow_attention=args.allow_attention)
+    shard = shard_from_path(args.path, _base_for_add(store, args.base), shard_id=args.id,
+                            description=args.description, samples=_read_samples(args.samples),
+                            allow_attention=args.allow_attention)
+    row = store.add(shard, allow_attention=args.allow_attention, overwrite=args.overwrite)
     _print(args, row, f"added {row['id']} (rank {shard.rank}, {len(shard.factors)} projections, "
                       f"{shard.nbytes() / 1e6:.2f} MB)")
     return 0
@@ -116,7 +148,9 @@ def cmd_search(args) -> int:
 def cmd_export(args) -> int:
     from .peft_io import export_peft
 
-    out = export_peft(_open(args).load(args.id), args.out)
+    store = _open(args)
+    base_name = store.base.name_or_path if store.base else None  # lets a re-import verify the base
+    out = export_peft(store.load(args.id), args.out, base_model_name_or_path=base_name)
     _print(args, {"id": args.id, "out": str(out)}, f"exported {args.id} as a PEFT adapter to {out}")
     return 0
 
@@ -149,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id")
     p.add_argument("--description")
     p.add_argument("--samples", help="text file (paragraphs separated by blank lines) or .jsonl with 'text'")
-    p.add_argument("--base", help="base model folder (needed for a PEFT adapter when the store is empty)")
+    p.add_argument("--base", help="base model folder (needed for a PEFT adapter when the store is empty; "
+                   "also records the model's name and weight scale in the store)")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard of the same id")
     p.add_argument("--allow-attention", action="store_true",
                    help="research only: accept attention targets (they are never served)")
 

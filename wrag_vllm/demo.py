@@ -45,6 +45,7 @@ def ensure_store(store_path: str, model_dir: Path):
     if store.base is not None and store.base.mismatch(base):
         raise WragError(f"store {store_path} holds shards for another base model "
                         f"({store.base.mismatch(base)}); use --store to pick another store")
+    store.bind_base(base)  # records the model's name and weight RMS (the delta-magnitude yardstick)
     missing = [(n, f) for n, f in files.items() if n not in store]
     for name, f in missing:
         shard = load_shard(f)

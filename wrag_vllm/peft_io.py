@@ -8,6 +8,11 @@ A shard stores exactly (A, B, s), so import is lossless. Export writes one rank 
 modules (PEFT and vLLM need one r per adapter, or a rank_pattern vLLM does not read): each
 module's factors are zero-padded to r_max and its scale is folded into B, with lora_alpha = r_max
 so that PEFT's own scale is 1. Padding with zeros adds nothing to the product.
+
+Shapes only tell that an adapter fits the base's widths; the adapter's `base_model_name_or_path`
+tells which model it was trained on. Import refuses an adapter that names another model than the
+base's recorded name (basenames compared, see fingerprint.model_basename) and records in the
+provenance whether the name could be checked (`base_verified`).
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import jsonio
 from .errors import ShardError
-from .fingerprint import BaseFingerprint
+from .fingerprint import BaseFingerprint, model_basename
 from .shard import FFN_MODULES, Factors, Shard, check_modules
 
 # base_model.model.model.layers.3.mlp.gate_proj.lora_A.weight (also with an adapter name
@@ -40,6 +46,60 @@ def _pattern_value(pattern: dict, module_key: str, default):
     return default
 
 
+def _rank(v, what: str) -> int:
+    if type(v) is not int or v < 1:
+        raise ShardError(f"{what} must be a positive integer, got {v!r}")
+    return v
+
+
+def _alpha(v, what: str) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+        raise ShardError(f"{what} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _lora_settings(cfg: dict, where) -> tuple[int, float, bool, dict, dict]:
+    """(r, lora_alpha, use_rslora, rank_pattern, alpha_pattern) of an adapter config, checked:
+    ranks positive integers, alphas positive finite numbers, patterns objects whose keys compile
+    as regexes. ShardError names the field that is wrong."""
+    r = _rank(cfg.get("r", 8), f"{where}: r")
+    alpha = _alpha(cfg.get("lora_alpha", r), f"{where}: lora_alpha")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise ShardError(f"{where}: use_rslora must be true or false, got {rslora!r}")
+    patterns = []
+    for name, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        pat = cfg.get(name) or {}
+        if not isinstance(pat, dict):
+            raise ShardError(f"{where}: {name} must be an object {{module pattern: value}}, got {type(pat).__name__}")
+        for key, val in pat.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ShardError(f"{where}: {name} key {key!r} is not a valid regular expression ({e})") from None
+            check(val, f"{where}: {name}[{key!r}]")
+        patterns.append(pat)
+    return r, alpha, rslora, patterns[0], patterns[1]
+
+
+def check_adapter_base(claimed, base: BaseFingerprint, where) -> bool:
+    """True when the adapter's base_model_name_or_path names the base's recorded model, False
+    when either name is unknown (nothing to check), ShardError when they name different models.
+    (Older wrag exports wrote the architecture name when the base's name was unknown.)"""
+    a = None if claimed == base.architecture else model_basename(claimed)
+    b = model_basename(base.name_or_path)
+    if a is None or b is None:
+        return False
+    if a != b:
+        raise ShardError(
+            f"{where}: the adapter was trained for base model {claimed!r} (base_model_name_or_path in "
+            f"adapter_config.json) but it is being registered for base model {base.name_or_path!r}. "
+            f"Register it in a store for {claimed!r}; or, if it really was trained on this base under "
+            f"another name, set base_model_name_or_path in adapter_config.json to {b!r} (or to null "
+            f"to skip the check)")
+    return True
+
+
 def import_peft(path: str | Path, base: BaseFingerprint, shard_id: str | None = None,
                 description: str = "", samples: list[str] | None = None,
                 allow_attention: bool = False, name: str = "") -> Shard:
@@ -52,10 +112,9 @@ def import_peft(path: str | Path, base: BaseFingerprint, shard_id: str | None = 
         hint = " (adapter_model.bin is a pickle and is not loaded: re-save with safe_serialization=True)" \
             if (path / "adapter_model.bin").exists() else ""
         raise ShardError(f"{path}: no adapter_model.safetensors{hint}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{cfg_path}: invalid JSON ({e})") from e
+    cfg = jsonio.loads(cfg_path.read_bytes(), str(cfg_path), ShardError)
+    if not isinstance(cfg, dict):
+        raise ShardError(f"{cfg_path}: must be a JSON object, got {type(cfg).__name__}")
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ShardError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LoRA")
     for flag, why in (("use_dora", "DoRA magnitude vectors are not low-rank deltas"),
@@ -64,15 +123,19 @@ def import_peft(path: str | Path, base: BaseFingerprint, shard_id: str | None = 
             raise ShardError(f"{path}: {flag} is set; not supported because {why}")
     if cfg.get("bias", "none") not in ("none", None) or cfg.get("lora_bias"):
         raise ShardError(f"{path}: LoRA bias terms are not supported; train with bias='none'")
+    r0, alpha0, rslora, rank_pattern, alpha_pattern = _lora_settings(cfg, cfg_path)
+    claimed = cfg.get("base_model_name_or_path")
+    claimed = claimed if isinstance(claimed, str) else None
+    verified = check_adapter_base(claimed, base, path)
     try:
         tensors = load_file(str(w_path))
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ShardError(f"{w_path}: truncated or corrupt safetensors file ({e})") from e
 
     parts: dict[tuple[int, str], dict] = {}
     others = []
     for key, t in tensors.items():
-        m = _PEFT_KEY.match(key)
+        m = _PEFT_KEY.fullmatch(key)
         if not m:
             others.append(key)
             continue
@@ -86,15 +149,13 @@ def import_peft(path: str | Path, base: BaseFingerprint, shard_id: str | None = 
         raise ShardError(f"{path}: adapter holds no LoRA factors")
     check_modules(sorted({m for _, m in parts}), allow_attention)
 
-    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", cfg.get("r", 8)))
-    rslora = bool(cfg.get("use_rslora", False))
     factors = {}
     for (layer, mod), p in sorted(parts.items()):
         if set(p) != {"lora_A", "lora_B"}:
             raise ShardError(f"{path}: layer {layer} {mod} lacks lora_A or lora_B")
         key = f"model.layers.{layer}.{'mlp' if mod in FFN_MODULES else 'self_attn'}.{mod}"
-        r = int(_pattern_value(cfg.get("rank_pattern"), key, r0))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), key, alpha0))
+        r = _pattern_value(rank_pattern, key, r0)
+        alpha = _pattern_value(alpha_pattern, key, alpha0)
         if p["lora_A"].shape[0] != r:
             raise ShardError(f"{path}: layer {layer} {mod} has rank {p['lora_A'].shape[0]} but the "
                              f"config says r={r}")
@@ -103,8 +164,8 @@ def import_peft(path: str | Path, base: BaseFingerprint, shard_id: str | None = 
     shard = Shard(id=shard_id or path.name, base=base, factors=factors, name=name or shard_id or path.name,
                   description=description, samples=list(samples or []),
                   provenance={"source": "peft", "path": str(path.resolve()),
-                              "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-                              "r": r0, "lora_alpha": alpha0, "use_rslora": rslora})
+                              "base_model_name_or_path": claimed,
+                              "base_verified": verified, "r": r0, "lora_alpha": alpha0, "use_rslora": rslora})
     return shard.validate(allow_attention)
 
 
@@ -145,8 +206,8 @@ def export_peft(shard: Shard, out_dir: str | Path, base_model_name_or_path: str 
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
         "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
         "target_modules": modules, "modules_to_save": None, "inference_mode": True,
-        "base_model_name_or_path": base_model_name_or_path
-        or shard.provenance.get("base_model_name_or_path") or shard.base.architecture,
+        "base_model_name_or_path": base_model_name_or_path or shard.base.name_or_path
+        or shard.provenance.get("base_model_name_or_path") or None,
         "revision": None, "init_lora_weights": True,
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +230,8 @@ def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: st
                     allow_attention: bool = False) -> Shard:
     """A shard file or a PEFT adapter directory as a validated Shard, with the given overrides.
 
-    `base` is the model a PEFT adapter is checked against (a shard file carries its own).
+    `base` is the model a PEFT adapter is checked against (a shard file carries its own, which
+    must then be the same base; its name and weight_rms are filled in from `base` when known).
     """
     from .shard import load_shard
 
@@ -182,7 +244,11 @@ def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: st
                            allow_attention=allow_attention)
     if not path.is_file():
         raise ShardError(f"no such shard file or PEFT directory: {path}")
-    shard = load_shard(path, allow_attention=allow_attention)
+    shard = load_shard(path, allow_attention=allow_attention, validate=False)
+    if base is not None:
+        if (why := base.mismatch(shard.base)) is not None:
+            raise ShardError(f"{path}: the shard was made for a different base model: {why}")
+        shard.base = base.merged(shard.base)
     shard.id = shard_id or shard.id
     shard.description = description or shard.description
     shard.samples = list(samples) if samples else shard.samples

@@ -45,6 +45,7 @@ import difflib
 import fcntl
 import json
 import os
+import re
 import secrets
 import sqlite3
 import struct
@@ -59,7 +60,7 @@ import numpy as np
 from .embed import Embedder, get_embedder, normalize_rows
 from .errors import StoreError, WragError
 from .fingerprint import BaseFingerprint
-from .shard import Shard, load_shard
+from .shard import Shard, id_problem, load_shard
 
 SCHEMA_VERSION = 1
 CATALOG = "catalog.sqlite"
@@ -76,6 +77,7 @@ FAISS_THREADS = int(os.environ.get("WRAG_FAISS_THREADS", "1"))
 _BIG_BATCH = 32  # query batches at least this large use all cores
 _CRASH_ENV = "WRAG_STORE_CRASH_AT"  # test hook: name of a point where the writer stops and sleeps
 _CRASH_SIGNAL_ENV = "WRAG_STORE_CRASH_SIGNAL"  # file touched when the writer reaches that point
+_URL = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")  # a scheme, as in postgresql://host/db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -101,10 +103,20 @@ _META_COLS = ("fid, id, file, name, description, samples, rank, targets, layers,
               "allow_attention, embed_source, added_at")
 
 
+def store_location(value: str | os.PathLike) -> Path:
+    """The folder a store location names. The one place that reads a location (ShardStore, the
+    CLI's --store, $WRAG_STORE): a value that looks like a URL is refused rather than taken for a
+    folder named "postgresql:"; other backends (PostgreSQL) will be dispatched on the scheme here."""
+    if m := _URL.match(os.fspath(value)):
+        raise StoreError(f"store URLs with scheme {m.group(1)!r} are not supported; a store is a folder "
+                         f"path (got {os.fspath(value)!r})")
+    return Path(value).expanduser()
+
+
 def default_store_path() -> Path:
     """$WRAG_STORE, else ~/.local/share/wrag/store."""
     env = os.environ.get("WRAG_STORE")
-    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "wrag" / "store"
+    return store_location(env) if env else Path.home() / ".local" / "share" / "wrag" / "store"
 
 
 def _crash_point(name: str) -> None:
@@ -178,7 +190,7 @@ class ShardStore:
 
         self._faiss = faiss
 
-        self.root = Path(root).expanduser() if root is not None else default_store_path()
+        self.root = store_location(root) if root is not None else default_store_path()
         self._mu = threading.RLock()  # guards the connection, the index and the id map
         self._wmu = threading.Lock()  # serialises writer threads (flock does not, within a process)
         catalog = self.root / CATALOG
@@ -215,15 +227,22 @@ class ShardStore:
         """Create (or open) a store and bind it to `base` (StoreError if bound to another base)."""
         store = cls(root, embedder=embedder, create=True)
         if base is not None:
-            with store._write_lock():
-                with store._tx() as c:
-                    cur = store._read_base(c)
-                    if cur is None:
-                        c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(base.to_dict()),))
-                    elif (why := cur.mismatch(base)) is not None:
-                        raise StoreError(f"store {store.root} is bound to another base model: {why}")
-                    store._base = base
+            store.bind_base(base)
         return store
+
+    def bind_base(self, base: BaseFingerprint) -> None:
+        """Bind the store to `base` if it has no base yet, else record the optional facts
+        (name_or_path, weight_rms) its record lacks; StoreError if it is bound to another base.
+        Recorded facts are never replaced."""
+        with self._write_lock():
+            with self._tx() as c:
+                cur = self._read_base(c)
+                if cur is not None and (why := cur.mismatch(base)) is not None:
+                    raise StoreError(f"store {self.root} is bound to another base model: {why}")
+                new = base if cur is None else cur.merged(base)
+                if cur is None or new.to_dict() != cur.to_dict():
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(new.to_dict()),))
+                self._base = new
 
     def _init_schema(self, embedder: Embedder | None) -> None:
         try:  # an existing store: read only (no lock, no write transaction)
@@ -360,11 +379,16 @@ class ShardStore:
         if not shards:
             return []
         # --- checks that need no lock (cheap to fail early, nothing touched yet)
-        seen = set()
         for sh in shards:
             if not isinstance(sh, Shard):
                 raise StoreError(f"expected a Shard, got {type(sh).__name__}")
-            sh.validate(allow_attention)  # ShardError: ids, shapes, NaN/Inf, attention targets
+        with self._mu:
+            base = self._read_base(self._conn)  # the catalog's: another process may have bound it
+        seen = set()
+        for sh in shards:
+            self._check_base(sh, base or shards[0].base)  # an empty store takes the first one's base
+            # ShardError: ids, texts, shapes, NaN/Inf, delta magnitudes (vs the store's base), targets
+            sh.validate(allow_attention, base=base)
             if sh.id in seen:
                 raise StoreError(f"shard id {sh.id!r} appears twice in one add")
             seen.add(sh.id)
@@ -372,7 +396,6 @@ class ShardStore:
                 raise StoreError(f"shard {sh.id!r} has an empty description and no samples: the store "
                                  f"retrieves shards by embedding these texts; give it a description "
                                  f"or sample prompts")
-            self._check_base(sh, self._base)
         if embeddings is not None:
             vecs = np.asarray(embeddings, dtype=np.float32)
             if vecs.ndim != 2 or vecs.shape != (len(shards), self._emb_dim):
@@ -393,7 +416,7 @@ class ShardStore:
                 base = self._read_base(self._conn)
                 old = self._existing(self._conn, [s.id for s in shards])
             for sh in shards:
-                self._check_base(sh, base)
+                self._check_base(sh, base or shards[0].base)
             if old and not overwrite:
                 raise StoreError(f"shard id {sorted(old)[0]!r} already exists in store {self.root}; "
                                  f"remove it first or pass overwrite=True (--overwrite)")
@@ -412,10 +435,14 @@ class ShardStore:
                 now = _now()
                 with self._tx() as c:
                     gen0 = int(c.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
-                    if base is None:
-                        base = shards[0].base
+                    # bind an empty store to the shards' base; fill in facts its record lacks
+                    new_base = base or shards[0].base
+                    for sh in shards:
+                        new_base = new_base.merged(sh.base)
+                    if base is None or new_base.to_dict() != base.to_dict():
                         c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)",
-                                  (json.dumps(base.to_dict()),))
+                                  (json.dumps(new_base.to_dict()),))
+                        base = new_base
                     if old:
                         c.executemany("DELETE FROM shards WHERE id = ?", [(i,) for i in old])
                     new_fids = []
@@ -634,6 +661,12 @@ class ShardStore:
             os.close(fd)
 
     def _row(self, shard_id: str, required: bool = True):
+        """The catalog row of `shard_id` (None if absent and not required). A string that is no
+        valid id is refused (StoreError) or absent: it never reaches a query or a path."""
+        if (why := id_problem(shard_id)) is not None:
+            if required:
+                raise StoreError(why)
+            return None
         with self._mu:
             self._conn.row_factory = sqlite3.Row
             try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import jsonio
 from .errors import ShardError, WragError
 from .shard import FFN_MODULES, Factors, Shard, check_modules
 
@@ -52,10 +53,7 @@ def load_texts(path: str | os.PathLike) -> list[str]:
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise WragError(f"{path}:{n}: invalid JSON ({e})") from e
+            obj = jsonio.loads(line, f"{path}:{n}")
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise WragError(f"{path}:{n}: each line must be an object with a string field \"text\"")
             texts.append(obj["text"])
@@ -131,7 +129,7 @@ def adapter_to_shard(peft_model, base, shard_id: str, description: str = "", sam
 
 # ------------------------------------------------------------------------------------ training
 def _run_config(base_fp, chash: str, n_texts: int, **hp) -> dict:
-    return {"base": base_fp.to_dict(), "corpus_hash": chash, "n_texts": n_texts, **hp}
+    return {"base": base_fp.identity(), "corpus_hash": chash, "n_texts": n_texts, **hp}
 
 
 def _atomic_torch_save(obj, path: Path) -> None:

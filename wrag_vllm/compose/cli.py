@@ -42,7 +42,9 @@ def parse_param(text: str) -> tuple[str, object]:
     k = k.strip().replace("-", "_")
     try:
         val = json.loads(v)
-    except json.JSONDecodeError:
+    except RecursionError:
+        raise ComposeError(f"--param {k}: JSON value nested too deeply") from None
+    except ValueError:  # not JSON (or an integer beyond the digit limit): the text itself
         val = v
     return k, val
 
