@@ -75,7 +75,8 @@ def served(browser_paths, tmp_path_factory):
     from wrag_vllm.peft_io import export_peft
 
     peft_dir = export_peft(random_shard(fp, "peft", rank=4, seed=41, scale=4.0), tmp / "incoming" / "peft-lora")
-    srv = Server(model_dir, tmp / "store", tmp, wrag=WRAG, api_key=API_KEY, eager=True)
+    srv = Server(model_dir, tmp / "store", tmp, api_key=API_KEY, eager=True,
+                 wrag={**WRAG, "admin_writes": True, "admin_dirs": [str(tmp / "incoming")]})
     try:
         print(f"\nvllm serve ready in {srv.wait_ready():.1f}s")
         yield {"srv": srv, "tmp": tmp, "extra_path": extra_path, "peft_dir": peft_dir}

@@ -51,7 +51,8 @@ def served(tmp_path_factory):
         store.add(shards[sid])
     # compiled (the product default) unless WRAG_TEST_EAGER=1 (faster startup while developing)
     eager = os.environ.get("WRAG_TEST_EAGER", "0") == "1"
-    srv = Server(model_dir, tmp / "store", tmp, wrag=WRAG, api_key=API_KEY, eager=eager)
+    srv = Server(model_dir, tmp / "store", tmp, wrag={**WRAG, "admin_writes": True, "admin_dirs": [str(tmp)]},
+                 api_key=API_KEY, eager=eager)
     try:
         startup = srv.wait_ready()
         print(f"\nvllm serve ready in {startup:.1f}s")

@@ -191,8 +191,15 @@ def test_pool_lru_pins_and_meta(tmp_path, tiny_fp):
     assert set(pool.slot_of) == {"a", "b"} and pool.evictions == 0
     pool.step([[ref("c")], [ref("b")]], qsl)        # a is evicted (LRU), b pinned
     assert set(pool.slot_of) == {"b", "c"} and pool.evictions == 1
-    with pytest.raises(RuntimeError, match="more than 2"):
-        pool.step([[ref("a")], [ref("b"), ref("c")]], qsl)
+    # more payloads than slots (the scheduler prevents it): that sequence loses its shards, the
+    # worker lives and the others keep theirs
+    pool.step([[ref("a")], [ref("b"), ref("c")]], qsl)
+    assert pool.failures == 1 and set(pool.slot_of) == {"b", "c"}
+    assert pool.seq_slots[0].tolist() == [-1, -1]
+    assert sorted(pool.seq_slots[1].tolist()) == sorted([pool.slot_of["b"], pool.slot_of["c"]])
+    # a payload file that cannot be read: the same, and the pool is unchanged
+    pool.step([[SlotRef("x", 1.0, str(tmp_path / "missing.safetensors"))], [ref("b")]], qsl)
+    assert pool.failures == 2 and set(pool.slot_of) == {"b", "c"} and pool.seq_slots[0].tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize("additional, env, on", [

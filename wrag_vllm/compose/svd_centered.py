@@ -64,7 +64,7 @@ class SVDCentered(Method):
     defaults = {"lam": 1.0, "rho": None, "rho_energy": None}
 
     def check(self):
-        self._float("lam")
+        self._float("lam", lo=0.0, hi=4.0)  # < 0 would subtract the deviations; > 4 only overshoots
         self._int("rho", lo=1, allow_none=True)
         self._float("rho_energy", lo=0.0, hi=1.0, lo_open=True, allow_none=True)
         if self.params["rho"] is not None and self.params["rho_energy"] is not None:

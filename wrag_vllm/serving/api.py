@@ -5,23 +5,22 @@ the entry point is a zero-argument factory returning an object with `name`, `req
 `attach_router(app)` and `async init_state(engine_client, state, args)`
 (vllm.plugins.endpoint_plugins.interface.EndpointPlugin).
 
-Request path (POST /v1/chat/completions, /v1/completions, /v1/responses):
-    ASGI middleware reads the JSON body → validates `vllm_xargs` wrag_* (HTTP 400 on error) →
-    retrieval in a worker thread (query = completion prompt, or the chat's last user turn;
-    the API server's event loop and the engine loop keep running) → writes the resolved Plan into
-    vllm_xargs["wrag_plan"] → vLLM builds the request (extra_args carry the plan to the engine) →
-    the response carries `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=cosine,...`,
-    `x-wrag-method`, `x-wrag-source`;
+Request path (every vLLM route that builds an engine request from client `vllm_xargs`, listed in
+ROUTES; tests/test_security_serving.py checks the list against the server's own routes):
+    ASGI middleware reads the JSON body → validates `vllm_xargs` wrag_* (HTTP 400 on error; the
+    server's own keys wrag_plan / wrag_slots are refused) → retrieval in a worker thread (query =
+    completion prompt, the chat's or Anthropic messages' last user turn, the responses input) →
+    writes the resolved Plan, sealed (seal.py), into vllm_xargs["wrag_plan"] → vLLM builds the
+    request (extra_args carry the plan to the engine) → the response carries
+    `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=cosine,...`, `x-wrag-method`,
+    `x-wrag-source` (explicit | retrieved | off | none, or failed when the request failed);
     every request is logged with its plan.
+Routes where WRAG does not retrieve (token-in generate, render, audio) refuse wrag_* controls
+with a 400.
+Generate routes outside /v1 (SageMaker's /invocations, the token-in /inference/v1/generate),
+which vLLM's own --api-key check does not cover, need the key too on a WRAG server.
 
-Admin routes (answer 401 without a valid key when the server has --api-key / VLLM_API_KEY,
-exactly like vLLM's /v1 routes):
-    GET    /wrag/shards                 list shards
-    POST   /wrag/shards                 {"path", "description"?, "samples"?, "id"?} add a shard
-                                        file or PEFT directory on the server's file system
-    DELETE /wrag/shards/{id}            remove
-    POST   /wrag/retrieve               {"text", "top_k"?, "threshold"?} → the plan retrieval makes
-    GET    /wrag/config                 the effective WRAG configuration
+The admin routes are in admin.py.
 """
 from __future__ import annotations
 
@@ -31,20 +30,29 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import APIRouter, HTTPException, Request  # module level: routes' annotations resolve here
-from fastapi.responses import JSONResponse
-
-from ..errors import WragError
 from .config import WragConfig
 from .resolver import Resolver
-from .xargs import PLAN_KEY, RequestControls, RequestError, parse_controls
+from .xargs import PLAN_KEY, RequestControls, RequestError, parse_controls, wrag_keys
 
 log = logging.getLogger("vllm.wrag")
-GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+# path -> how the front end treats it: "chat" / "completion" / "responses" / "messages" (retrieve
+# from that body form), "invocations" (SageMaker: chat if the body has messages, else completion),
+# "refuse" (no retrieval here: wrag_* controls get a 400)
+ROUTES = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses",
+    "/v1/messages": "messages", "/invocations": "invocations",
+    "/inference/v1/generate": "refuse", "/v1/audio/transcriptions": "refuse",
+    "/v1/audio/translations": "refuse",
+    # render routes return the engine request a token-in client would send: no WRAG controls there
+    "/v1/chat/completions/render": "refuse", "/v1/completions/render": "refuse",
+    "/v1/responses/render": "refuse", "/v1/messages/render": "refuse",
+}
+KEYED_OUTSIDE_V1 = ("/invocations", "/inference/v1/generate")
 
 
-def query_text(path: str, body: dict) -> str | None:
-    """Completions: the prompt (first one of a batch). Chat: the last user turn. Responses: input."""
+def query_text(kind: str, body: dict) -> str | None:
+    """Completions: the prompt (first one of a batch). Chat and messages: the last user turn.
+    Responses: input."""
     def content_text(c):
         if isinstance(c, str):
             return c
@@ -53,12 +61,13 @@ def query_text(path: str, body: dict) -> str | None:
                              ("text", "input_text") and isinstance(p.get("text"), str)) or None
         return None
 
-    if path.endswith("/chat/completions"):
-        for m in reversed(body.get("messages") or []):
+    if kind in ("chat", "messages"):
+        msgs = body.get("messages")
+        for m in reversed(msgs if isinstance(msgs, list) else []):
             if isinstance(m, dict) and m.get("role") == "user":
                 return content_text(m.get("content"))
         return None
-    if path.endswith("/completions"):
+    if kind == "completion":
         p = body.get("prompt")
         if isinstance(p, str):
             return p
@@ -76,8 +85,15 @@ def query_text(path: str, body: dict) -> str | None:
 
 
 def _error_body(msg: str, param: str | None, code: int = 400) -> bytes:
-    return json.dumps({"error": {"message": msg, "type": "BadRequestError" if code == 400 else "InternalServerError",
-                                 "param": param, "code": code}}).encode()
+    kind = {400: "BadRequestError", 401: "AuthenticationError"}.get(code, "InternalServerError")
+    return json.dumps({"error": {"message": msg, "type": kind, "param": param, "code": code}}).encode()
+
+
+def _kind(route: str, body: dict) -> str:
+    kind = ROUTES[route]
+    if kind == "invocations":  # vLLM tries the chat request type first, then completion
+        return "chat" if "messages" in body else "completion"
+    return kind
 
 
 class WragEndpoint:
@@ -94,8 +110,11 @@ class WragEndpoint:
 
     # ------------------------------------------------------------------ EndpointPlugin
     def attach_router(self, app) -> None:
-        app.include_router(self._router())
+        from .admin import Admin
         from .chat_page import chat_router  # the chat page, GET /wrag/chat (static files in the package)
+
+        self.admin = Admin(self)
+        app.include_router(self.admin.router())
         app.include_router(chat_router())
         app.add_middleware(WragMiddleware, plugin=self)
 
@@ -112,10 +131,12 @@ class WragEndpoint:
         self.resolver = Resolver(self.cfg)
         self.tokens = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         self.metrics = front_metrics()
+        if self.cfg.admin_writes and not self.tokens:
+            log.error("WRAG: admin_writes is set but the server has no --api-key: admin writes stay off")
         if self.cfg.enabled:
             await asyncio.get_running_loop().run_in_executor(self.executor, lambda: self.resolver.store)
-            log.info("WRAG: front end ready (store %s, top_k %d, method %s)", self.cfg.store,
-                     self.cfg.top_k, self.cfg.method)
+            log.info("WRAG: front end ready (top_k %d, method %s, admin writes %s)", self.cfg.top_k,
+                     self.cfg.method, "on" if self.cfg.admin_writes and self.tokens else "off")
 
     @property
     def active(self) -> bool:
@@ -124,122 +145,38 @@ class WragEndpoint:
     async def run(self, fn, *a):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *a)
 
-    # ------------------------------------------------------------------ admin routes
-    def _check_key(self, request) -> None:
-        if not self.tokens:
-            return
-        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-        auth = AuthenticationMiddleware(None, self.tokens)
-        if not auth.verify_token(request.headers):
-            raise HTTPException(status_code=401, detail="Unauthorized")
-
-    def _router(self):
-        router = APIRouter()
-        plugin = self
-
-        def need_active():
-            if not plugin.active:
-                raise HTTPException(status_code=409, detail="WRAG is disabled on this server")
-
-        def bad(e: Exception, status=400):
-            return JSONResponse(status_code=status, content={"error": {"message": str(e), "type": "BadRequestError",
-                                                                       "code": status}})
-
-        @router.get("/wrag/config")
-        async def wrag_config(request: Request):
-            plugin._check_key(request)
-            return {"enabled": plugin.active, **(plugin.cfg.to_dict() if plugin.cfg else {})}
-
-        @router.get("/wrag/shards")
-        async def list_shards(request: Request):
-            plugin._check_key(request)
-            need_active()
-
-            def do(st):
-                return {"generation": getattr(st, "generation", None), "shards": st.list()}
-            return JSONResponse(json.loads(json.dumps(await plugin.run(plugin.resolver.with_store, do),
-                                                      default=str)))
-
-        @router.post("/wrag/shards")
-        async def add_shard(request: Request):
-            plugin._check_key(request)
-            need_active()
-            try:
-                body = await request.json()
-                if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-                    raise WragError('body must be a JSON object with "path" (a shard file or PEFT directory)')
-                meta = await plugin.run(plugin._add, body)
-            except (WragError, ValueError) as e:
-                return bad(e)
-            log.info("WRAG: shard %s added through the admin route", meta.get("id"))
-            return JSONResponse(json.loads(json.dumps(meta, default=str)))
-
-        @router.delete("/wrag/shards/{shard_id}")
-        async def remove_shard(shard_id: str, request: Request):
-            plugin._check_key(request)
-            need_active()
-
-            def do(st):
-                st.remove(shard_id)
-                return {"removed": shard_id, "generation": getattr(st, "generation", None)}
-            try:
-                out = await plugin.run(plugin.resolver.with_store, do)
-            except WragError as e:
-                return bad(e, 404 if "unknown" in str(e).lower() or "no shard" in str(e).lower() else 400)
-            log.info("WRAG: shard %s removed through the admin route", shard_id)
-            return out
-
-        @router.post("/wrag/retrieve")
-        async def retrieve(request: Request):
-            plugin._check_key(request)
-            need_active()
-            try:
-                body = await request.json()
-                if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-                    raise RequestError('body must be a JSON object with "text"')
-                xargs = {k: body[k] for k in ("top_k", "threshold", "method") if k in body}
-                controls = parse_controls({f"wrag_{k}": v for k, v in xargs.items()}, plugin.cfg)
-                plan = await plugin.run(plugin.resolver.resolve, body["text"], controls)
-            except (WragError, ValueError) as e:
-                return bad(e)
-            return plan.summary()
-
-        return router
-
-    def _add(self, body: dict) -> dict:
-        from pathlib import Path
-
-        from ..peft_io import shard_from_path
-
-        if not Path(body["path"]).exists():  # say where the path was looked up
-            raise WragError(f"no such shard file or PEFT directory on the server: {body['path']}")
-        samples = body.get("samples") or []
-        if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
-            raise WragError('"samples" must be a list of strings')
-
-        def add(st):
-            shard = shard_from_path(body["path"], st.base, shard_id=body.get("id") or None,
-                                    description=body.get("description") or None, samples=samples)
-            return st.add(shard)
-        return self.resolver.with_store(add)
-
     # ------------------------------------------------------------------ per request
-    async def plan_for(self, path: str, body: dict):
+    async def plan_for(self, kind: str, body: dict):
         """(new body, plan) or raises RequestError."""
         xargs = body.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
         xargs = dict(xargs or {})
         controls: RequestControls = parse_controls(xargs, self.cfg)
-        text = None if (controls.explicit or controls.off) else query_text(path, body)
+        text = None if (controls.explicit or controls.off) else query_text(kind, body)
         t0 = time.perf_counter()
         plan = await self.run(self.resolver.resolve, text, controls)
         if plan.source == "retrieved" or text is not None:
             self.metrics.retrieval.observe(time.perf_counter() - t0)
-        xargs[PLAN_KEY] = plan.to_json()
+        xargs[PLAN_KEY] = plan.sealed()
         body["vllm_xargs"] = xargs
         return body, plan
+
+
+def _refused_controls(body, form_xargs=None) -> list[str]:
+    """wrag_* keys a request sends on a route where WRAG does not retrieve."""
+    if form_xargs is not None:
+        try:
+            xargs = json.loads(form_xargs) if isinstance(form_xargs, str) else None
+        except (ValueError, RecursionError):
+            xargs = None
+        return wrag_keys(xargs if isinstance(xargs, dict) else {}) or (["wrag_*"] if "wrag_" in str(form_xargs) else [])
+    if not isinstance(body, dict):
+        return []
+    sp = body.get("sampling_params")
+    extra = sp.get("extra_args") if isinstance(sp, dict) else None
+    return wrag_keys(body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}) + \
+        wrag_keys(extra if isinstance(extra, dict) else {})
 
 
 class WragMiddleware:
@@ -250,9 +187,15 @@ class WragMiddleware:
         self.plugin = plugin
 
     async def __call__(self, scope, receive, send):
-        if (scope["type"] != "http" or scope.get("method") != "POST" or not self.plugin.active
-                or scope["path"].removeprefix(scope.get("root_path", "")) not in GENERATE_PATHS):
+        route = scope["path"].removeprefix(scope.get("root_path", "")) if scope["type"] == "http" else ""
+        if scope.get("method") != "POST" or not self.plugin.active or route not in ROUTES:
             return await self.app(scope, receive, send)
+        if route in KEYED_OUTSIDE_V1 and self.plugin.tokens:
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+            from starlette.datastructures import Headers
+
+            if not AuthenticationMiddleware(None, self.plugin.tokens).verify_token(Headers(scope=scope)):
+                return await self._respond(send, 401, _error_body("Unauthorized", None, 401))
         chunks, more = [], True
         while more:
             msg = await receive()
@@ -261,26 +204,36 @@ class WragMiddleware:
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         raw = b"".join(chunks)
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            body = None
-        plan = None
-        if isinstance(body, dict):
+        ctype = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype == b"multipart/form-data":
+            body, form_xargs = None, await self._form_xargs(scope, raw)
+        else:
+            form_xargs = None
             try:
-                body, plan = await self.plugin.plan_for(path, body)
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            except RecursionError:
+                return await self._respond(send, 400, _error_body("the body nests JSON too deeply", None))
+        plan = None
+        if ROUTES[route] == "refuse":
+            bad = _refused_controls(body, form_xargs)
+            if bad:
+                return await self._refuse(send, RequestError(
+                    f"WRAG controls ({', '.join(bad)}) are not available on {route}: use /v1/completions or "
+                    f"/v1/chat/completions", bad[0]))
+        elif isinstance(body, dict):
+            try:
+                body, plan = await self.plugin.plan_for(_kind(route, body), body)
                 raw = json.dumps(body).encode()
             except RequestError as e:
-                self.plugin.metrics.rejected.inc()
-                log.info("WRAG: request refused: %s", e)
-                return await self._respond(send, 400, _error_body(str(e), getattr(e, "param", None)))
+                return await self._refuse(send, e)
             except Exception as e:  # store/embedder failure: a server error, said plainly
                 log.exception("WRAG: retrieval failed")
                 return await self._respond(send, 500, _error_body(f"WRAG retrieval failed: {e}", None, 500))
             self.plugin.metrics.requests.labels(plan.source).inc()
             self.plugin.metrics.shards.observe(len(plan.ids))
-            log.info("WRAG: %s -> shards %s method %s (%s)", path, plan.header(), plan.method, plan.source)
+            log.info("WRAG: %s -> shards %s method %s (%s)", route, plan.header(), plan.method, plan.source)
 
         sent = False
 
@@ -297,14 +250,41 @@ class WragMiddleware:
 
         async def send_with_headers(msg):
             if msg["type"] == "http.response.start" and plan is not None:
+                failed = msg.get("status", 200) >= 500  # the engine refused or failed the request
                 h = list(msg.get("headers", []))
-                h += [(b"x-wrag-shards", plan.header().encode()), (b"x-wrag-method", plan.method.encode()),
-                      (b"x-wrag-source", plan.source.encode()),
+                h += [(b"x-wrag-shards", b"-" if failed else plan.header().encode()),
+                      (b"x-wrag-method", plan.method.encode()),
+                      (b"x-wrag-source", b"failed" if failed else plan.source.encode()),
                       (b"x-wrag-scores", plan.scores_header().encode())]
                 msg = dict(msg, headers=h)
             await send(msg)
 
         await self.app(scope, replay, send_with_headers)
+
+    async def _refuse(self, send, e: RequestError):
+        self.plugin.metrics.rejected.inc()
+        log.info("WRAG: request refused: %s", e)
+        return await self._respond(send, 400, _error_body(str(e), getattr(e, "param", None)))
+
+    @staticmethod
+    async def _form_xargs(scope, raw: bytes):
+        """The vllm_xargs field of a multipart form body (a JSON string), or None."""
+        from starlette.requests import Request
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        try:
+            form = await Request(scope, replay).form()
+        except Exception:  # noqa: BLE001 - a malformed form: vLLM answers it
+            return None
+        v = form.get("vllm_xargs")
+        return v if isinstance(v, str) else None
 
     @staticmethod
     async def _respond(send, status: int, body: bytes):

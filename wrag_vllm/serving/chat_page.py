@@ -3,11 +3,11 @@
 Routes (added to vLLM's API server next to the admin routes of api.py):
     GET /wrag/chat                    the page (chat.html)
     GET /wrag/chat/static/{name}      its CSS/JS, read from the installed package (importlib.resources)
-    GET /wrag/chat/methods            composition method names, for the page's method selector
 
 The page holds no secret and talks only to routes of the same server (/v1/chat/completions with
 streaming, /wrag/shards, /wrag/retrieve, /wrag/config), sending the API key the user types in as
-`Authorization: Bearer`; those routes do the authentication, so these three are public like /health.
+`Authorization: Bearer`; those routes do the authentication (as does /wrag/chat/methods, in
+admin.py). The page's own files are the same static files for everyone, public like /health.
 No build step and no CDN: the files in wrag_vllm/static/ are what the browser gets.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import resources
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 
 # Only these files are served (no path from the URL ever reaches the file system).
 STATIC_FILES = {
@@ -63,11 +63,5 @@ def chat_router() -> APIRouter:
     @router.get("/wrag/chat/static/{name}", include_in_schema=False)
     async def chat_static(name: str):
         return _file(name)
-
-    @router.get("/wrag/chat/methods", include_in_schema=False)
-    async def chat_methods():
-        from .xargs import known_methods
-
-        return JSONResponse({"methods": list(known_methods())}, headers={"Cache-Control": "no-cache"})
 
     return router

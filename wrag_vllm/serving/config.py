@@ -44,6 +44,17 @@ class WragConfig:
     host_cache_mb: int = 1024      # worker host-memory cache of slot payloads
     composition_cache_mb: int = 1024
     prepare_threads: int = 2       # engine-core threads doing retrieval/composition off the loop
+    # --- limits a request cannot exceed (see README "Security model")
+    max_weight: float = 2.0        # each wrag_weights value must lie in [0, max_weight]
+    # per-request wrag_method values: the rules with a factor-space serving form; the dense offline
+    # rules (ties, dare: seconds to minutes of engine time per set) only if the operator lists them
+    request_methods: list = field(default_factory=lambda: ["linear", "svd-centered"])
+    query_max_tokens: int = 256    # retrieval embeds at most the last ~N tokens of the query text
+    # --- the admin surface (POST/DELETE /wrag/shards): off unless the operator turns it on, and
+    # then only with --api-key; registration by server path only inside these directories
+    admin_writes: bool = False
+    admin_dirs: list = field(default_factory=list)
+    max_upload_mb: int = 256       # largest shard upload accepted over HTTP
 
     # env var -> field; parsed with the field's type
     ENV = {
@@ -53,7 +64,10 @@ class WragConfig:
         "WRAG_METHOD_PARAMS": "method_params", "WRAG_SLOTS": "slots", "WRAG_MAX_RANK": "max_rank",
         "WRAG_K_MAX": "k_max", "WRAG_HOST_CACHE_MB": "host_cache_mb",
         "WRAG_COMPOSITION_CACHE_MB": "composition_cache_mb",
-        "WRAG_PREPARE_THREADS": "prepare_threads",
+        "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_MAX_WEIGHT": "max_weight",
+        "WRAG_REQUEST_METHODS": "request_methods", "WRAG_QUERY_MAX_TOKENS": "query_max_tokens",
+        "WRAG_ADMIN_WRITES": "admin_writes", "WRAG_ADMIN_DIRS": "admin_dirs",
+        "WRAG_MAX_UPLOAD_MB": "max_upload_mb",
     }
 
     @classmethod
@@ -100,6 +114,14 @@ class WragConfig:
         need(self.max_rank >= 1, "max_rank must be >= 1")
         need(1 <= self.k_max <= self.slots, "k_max must be in 1..slots (one sequence's shards must fit the pool)")
         need(self.prepare_threads >= 1, "prepare_threads must be >= 1")
+        need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")
+        need(self.query_max_tokens >= 1, "query_max_tokens must be >= 1")
+        need(self.max_upload_mb >= 1, "max_upload_mb must be >= 1")
+        from ..compose import METHODS
+        unknown = [m for m in self.request_methods if m not in METHODS]
+        need(not unknown, f"request_methods: unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        need(self.method in METHODS, f"method: unknown composition method {self.method!r}")
+        need(all(isinstance(d, str) and d for d in self.admin_dirs), "admin_dirs must be a list of folder paths")
         return self
 
     def to_dict(self) -> dict:
@@ -125,7 +147,16 @@ def _coerce(typ, v, where):
         if typ == "float":
             return float(v)
         if typ == "dict":
-            return json.loads(v) if isinstance(v, str) else dict(v)
+            out = json.loads(v) if isinstance(v, str) else dict(v)
+            if not isinstance(out, dict):
+                raise ValueError(v)
+            return out
+        if typ == "list":  # a JSON list, or a comma-separated string (environment variables)
+            if isinstance(v, str):
+                out = json.loads(v) if v.strip().startswith("[") else [p.strip() for p in v.split(",") if p.strip()]
+            else:
+                out = list(v)
+            return [str(x) for x in out]
         return str(v)
     except (TypeError, ValueError, json.JSONDecodeError) as e:
         raise WragError(f"WRAG setting {where}: cannot read {v!r} as {typ}") from e

@@ -56,6 +56,7 @@ class ShardPool:
         self.host_bytes, self.host_max = 0, host_cache_bytes
         self.evictions = 0
         self.loads = 0
+        self.failures = 0                      # payloads that could not be loaded (see step)
         self._plans: dict[str, list[SlotRef]] = {}   # req_id -> slots (parsed once)
         self.seq_slots = torch.full((max_seqs, k_max), -1, dtype=torch.int32)
         self.seq_weights = torch.zeros((max_seqs, k_max), dtype=torch.float32)
@@ -91,10 +92,13 @@ class ShardPool:
         self.loads += 1
 
     def _ensure(self, refs: list[SlotRef], pinned: set[str]) -> None:
+        """Every payload of `refs` in a slot; ValueError/OSError (then no slot changed owner) if
+        one cannot be loaded, RuntimeError if the step needs more payloads than slots."""
         for ref in refs:
             if ref.key in self.slot_of:
                 self.slot_of.move_to_end(ref.key)
                 continue
+            shard = self._payload(ref)  # before taking a slot: a bad file leaves the pool as it was
             if self.free:
                 slot = self.free.pop()
             else:
@@ -104,15 +108,28 @@ class ShardPool:
                                        f"step (the scheduler should have prevented this)")
                 slot = self.slot_of.pop(victim)
                 self.evictions += 1
-            self._load_into(slot, self._payload(ref))
+            try:
+                self._load_into(slot, shard)
+            except Exception:
+                self.free.append(slot)  # half-written: nobody may use it
+                raise
             self.slot_of[ref.key] = slot
 
     # ------------------------------------------------------------------ per step
     def refs_for(self, req_id: str, extra_args: dict | None) -> list[SlotRef]:
+        """The slots the engine core assigned to a request (parsed once). The engine admits only
+        payloads it wrote and checked; anything else here is a bug, and it costs that request its
+        shards (logged), never the worker."""
         refs = self._plans.get(req_id)
         if refs is None:
             raw = (extra_args or {}).get(SLOTS_KEY)
-            refs = slots_from_json(raw, self.run_dir) if raw else []
+            try:
+                refs = slots_from_json(raw, self.run_dir) if raw else []
+                if len(refs) > self.k_max:
+                    raise ValueError(f"{len(refs)} slots > k_max {self.k_max}")
+            except (ValueError, TypeError) as e:
+                log.error("WRAG: request %s: unusable slot list (%s); it gets no shards", req_id, e)
+                refs = []
             self._plans[req_id] = refs
         return refs
 
@@ -129,9 +146,15 @@ class ShardPool:
             self.seq_slots[:n].fill_(-1)
             self.seq_weights[:n].zero_()
             if pinned:
-                self._ensure([r for refs in req_refs for r in refs], pinned)
                 for i, refs in enumerate(req_refs):
-                    for j, r in enumerate(refs[: self.k_max]):
+                    try:
+                        self._ensure(refs, pinned)
+                    except Exception as e:  # noqa: BLE001 - one request's payload, never the worker
+                        log.error("WRAG: a payload of sequence %d cannot be loaded (%s); it gets no "
+                                  "shards this step", i, e)
+                        self.failures += 1
+                        continue
+                    for j, r in enumerate(refs):
                         self.seq_slots[i, j] = self.slot_of[r.key]
                         self.seq_weights[i, j] = r.weight
             self.active = bool(pinned)

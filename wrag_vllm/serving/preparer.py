@@ -10,7 +10,9 @@ named by a content key. Two kinds:
         kept in the CompositionCache.
 
 Payload files are written once (atomic rename) and only read afterwards, so workers of any
-tensor-parallel rank can load them concurrently. Shards are read from the store at preparation
+tensor-parallel rank can load them concurrently. Every payload is checked here, before its
+request is admitted (well-formed, finite, within the shard magnitude bounds of shard.py, rank ≤
+max_rank): a worker is never handed a payload it cannot load. Shards are read from the store at preparation
 time: a shard removed from the store before a request is prepared is never applied to it.
 """
 from __future__ import annotations
@@ -108,11 +110,8 @@ class Preparer:
         self._compositions = self._make_composition_cache()
 
     def _make_composition_cache(self):
-        try:
-            from ..compose import CompositionCache
-            return CompositionCache(max_bytes=self.cfg.composition_cache_mb << 20)
-        except Exception:  # fall back to a local LRU with the same role
-            return _LRU(self.cfg.composition_cache_mb << 20)
+        from ..compose import CompositionCache
+        return CompositionCache(max_bytes=self.cfg.composition_cache_mb << 20)
 
     # ------------------------------------------------------------------ helpers
     def _key_lock(self, key: str) -> threading.Lock:
@@ -141,8 +140,15 @@ class Preparer:
         path = self.slot_dir / f"{key}.safetensors"
         with self._key_lock(key):
             if not path.exists():
+                self._check(shard)
                 shard.save(path)
         return str(path)
+
+    def _check(self, payload) -> None:
+        """ShardError/ValueError unless the workers can load `payload` into a slot."""
+        payload.validate()
+        if payload.rank > self.cfg.max_rank:
+            raise ValueError(f"payload rank {payload.rank} exceeds max_rank {self.cfg.max_rank}")
 
     # ------------------------------------------------------------------ main entry
     def prepare(self, plan: Plan) -> list[SlotRef]:
@@ -157,26 +163,14 @@ class Preparer:
         ckey = "c-" + _digest([k for k, _, _ in pairs], [w for _, _, w in pairs], plan.method, plan.params)
         path = self.slot_dir / f"{ckey}.safetensors"
         with self._key_lock(ckey):
-            comp = self._compositions.get(ckey) if isinstance(self._compositions, _LRU) else None
             t0 = time.perf_counter()
-            hit = path.exists() or comp is not None
-            if not path.exists():
-                if comp is None:
-                    comp = self._compose([s for _, s, _ in pairs], [w for _, _, w in pairs],
-                                         plan.method, plan.params, ckey)
-                if comp.rank > self.cfg.max_rank:
-                    raise ValueError(f"composite rank {comp.rank} exceeds max_rank {self.cfg.max_rank}")
+            hit = path.exists()
+            if not hit:
+                comp = self._compositions.get_or_compose([s for _, s, _ in pairs], [w for _, _, w in pairs],
+                                                         method=plan.method, **plan.params)
+                self._check(comp)
                 comp.save(path)
             if self.stats is not None:
                 self.stats.composition(time.perf_counter() - t0, hit)
         return [SlotRef(ckey, 1.0, str(path))]
 
-    def _compose(self, shards, weights, method, params, ckey):
-        from ..compose import compose
-
-        cache = self._compositions
-        if isinstance(cache, _LRU):
-            comp = compose(shards, weights, method=method, **params)
-            cache.put(ckey, comp, comp.nbytes())
-            return comp
-        return cache.get_or_compose(shards, weights, method=method, **params)

@@ -6,8 +6,12 @@ Retrieved shards (cosine scores c_1 ≥ … ≥ c_k from ShardStore.search, kept
 
 Explicit shards (wrag_shards) take wrag_weights as given, else equal weights 1/k.
 
-A Plan is what travels with the request (as JSON in SamplingParams.extra_args["wrag_plan"]):
-the engine core turns it into slot payloads (scheduler + preparer), the workers apply them.
+A Plan is what travels with the request (sealed JSON in SamplingParams.extra_args["wrag_plan"],
+see seal.py): the engine core turns it into slot payloads (scheduler + preparer), the workers
+apply them.
+
+Retrieval cost is bounded per request: only the last `query_max_tokens` (≈ 4 characters each) of
+the query text are embedded, whatever the prompt's length.
 """
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
-from ..errors import WragError
 from .config import WragConfig
-from .xargs import RequestControls, RequestError
+from .seal import seal, unseal
+from .xargs import RequestControls, RequestError, check_method_params
 
 PLAN_VERSION = 1
 
@@ -54,6 +58,15 @@ class Plan:
             raise ValueError("plan ids and weights differ in length")
         return p
 
+    def sealed(self) -> str:
+        """The form that travels in extra_args: only this server can make it (seal.py)."""
+        return seal(self.to_json())
+
+    @classmethod
+    def from_sealed(cls, s) -> "Plan":
+        """ValueError unless `s` is a plan sealed by this server."""
+        return cls.from_json(unseal(s))
+
     def header(self) -> str:
         """Compact form for the x-wrag-shards response header: id=weight,... or '-'."""
         if self.empty:
@@ -70,6 +83,16 @@ class Plan:
         return {"shards": [{"id": i, "weight": w, **({"score": s} if self.scores else {})}
                            for i, w, s in zip(self.ids, self.weights, self.scores or [None] * len(self.ids))],
                 "method": self.method, "source": self.source}
+
+
+def query_tail(text: str, max_tokens: int) -> str:
+    """The end of `text`, about `max_tokens` tokens long (4 characters per token), cut at a space."""
+    n = 4 * max_tokens
+    if len(text) <= n:
+        return text
+    tail = text[-n:]
+    cut = tail.find(" ")
+    return tail[cut + 1:] if 0 <= cut < 64 else tail
 
 
 def softmax_weights(scores: list[float], temperature: float) -> list[float]:
@@ -155,13 +178,7 @@ class Resolver:
             else dict(c.params or {})
         if c.off:
             return Plan(method=method, params=params, source="off")
-        try:
-            from ..compose.api import split_params
-            split_params(method, dict(params))  # unknown method / bad parameters -> 400, not a silent base answer
-        except ImportError:
-            pass
-        except WragError as e:
-            raise RequestError(f"wrag_method/wrag_params: {e}", "wrag_params") from None
+        check_method_params(method, params, cfg)  # bad parameters -> 400, not a silent base answer
         with self._lock:
             store = self.store
             store.refresh()  # hot updates: see shards added/removed by other processes
@@ -182,7 +199,7 @@ class Resolver:
             k = c.top_k or cfg.top_k
             thr = cfg.threshold if c.threshold is None else c.threshold
             t0 = time.perf_counter()
-        vec = self._batcher.embed(store, text)  # outside the lock: concurrent requests share one call
+        vec = self._batcher.embed(store, query_tail(text, cfg.query_max_tokens))  # outside the lock: concurrent requests share one call
         with self._lock:
             hits = [(i, float(s)) for i, s in store.search_vector(vec, k=k) if float(s) >= thr]
             self.last_search_s = time.perf_counter() - t0

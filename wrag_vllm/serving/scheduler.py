@@ -10,10 +10,24 @@ later ones that need new keys, so it cannot starve, while requests needing no ne
 Hence no step ever uses more distinct payloads than the pool holds, and a payload in use is never
 evicted by the workers.
 
+Isolation. vLLM's prefix cache keys KV blocks by tokens (+ LoRA, + `cache_salt`), but shards change
+every layer's FFN output and so the KV of every token. A request that gets slots therefore enters
+vLLM's scheduler with
+
+    cache_salt = "wrag:" + sha256(client cache_salt, [(payload key, weight) of its slots])
+
+(payload keys are content keys: same key ⇔ same factors), so cached blocks are shared exactly
+between requests that apply the same deltas; requests without shards keep the client's salt and
+share blocks with plain base-model requests. A request is refused — finished with an error, never
+served half-applied or with the base model in its place — when its extra_args carry server keys
+it did not get from this server's front end (`wrag_slots`, an unsealed `wrag_plan`), its
+controls are invalid, or its set cannot be prepared.
+
 `vllm_hooks.make_scheduler_cls` wires this into a subclass of vLLM's scheduler.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -23,7 +37,7 @@ from dataclasses import dataclass, field
 from .config import WragConfig
 from .preparer import Preparer, SlotRef, slots_to_json
 from .resolver import Plan, Resolver
-from .xargs import PLAN_KEY, SLOTS_KEY, RequestError, parse_controls
+from .xargs import PLAN_KEY, SLOTS_KEY, parse_controls
 
 log = logging.getLogger("vllm.wrag")
 
@@ -38,9 +52,21 @@ class _Pending:
     t0: float = field(default_factory=time.perf_counter)
 
 
+def cache_salt(client_salt: str | None, slots: list[SlotRef]) -> str:
+    """The prefix-cache salt of a request applying `slots` (see the module docstring)."""
+    h = hashlib.sha256(json.dumps([client_salt, [[s.key, s.weight] for s in slots]]).encode())
+    return "wrag:" + h.hexdigest()[:32]
+
+
+class Refused(Exception):
+    """A request the engine will not serve; it is finished with an error."""
+
+
 class Admission:
-    def __init__(self, cfg: WragConfig, run_dir: str, text_of=None, stats=None):
+    def __init__(self, cfg: WragConfig, run_dir: str, text_of=None, stats=None, resalt=None):
         self.cfg = cfg
+        self.resalt = resalt               # (request, salt) -> None: re-key its prefix-cache blocks
+        self.failed: list[object] = []     # refused requests, finished with an error next step
         self.resolver = Resolver(cfg)
         self.preparer = Preparer(cfg, run_dir, self.resolver, stats=stats)
         self.stats = stats
@@ -50,38 +76,52 @@ class Admission:
         self.inside: dict[str, frozenset] = {}   # req_id -> keys, for requests inside vLLM's scheduler
 
     # ------------------------------------------------------------------ arrival
-    def needs_preparation(self, extra_args: dict | None) -> bool:
-        if not extra_args:
-            return True  # no plan from the front end: fallback retrieval (unless there is no store)
-        raw = extra_args.get(PLAN_KEY)
-        if raw is None:
-            return True
+    def arrive(self, req_id: str, request, extra_args: dict | None) -> bool:
+        """Take a new request. True: it needs no shards and may enter vLLM's scheduler now;
+        False: it is held here (being prepared, or refused)."""
         try:
-            return not Plan.from_json(raw).empty
-        except Exception:
+            sealed = self._check_arrival(extra_args or {})
+        except Refused as e:
+            self.refuse(request, str(e))
             return False
-
-    def submit(self, req_id: str, request, extra_args: dict) -> None:
+        if sealed is not None and sealed.empty:
+            self.inside[req_id] = frozenset()
+            return True
         p = _Pending(req_id, request)
-        p.future = self.pool.submit(self._prepare, request, extra_args)
+        p.future = self.pool.submit(self._prepare, request, extra_args or {}, sealed)
         self.pending[req_id] = p
+        return False
 
-    def _plan_for(self, request, extra_args: dict) -> Plan:
-        raw = (extra_args or {}).get(PLAN_KEY)
-        if raw is not None:
-            return Plan.from_json(raw)
-        # Fallback (endpoint plugin not enabled, or offline LLM API): retrieve here.
+    def _check_arrival(self, extra_args: dict) -> Plan | None:
+        """The sealed plan of the front end, or None (the engine resolves the request itself)."""
+        if SLOTS_KEY in extra_args:
+            raise Refused(f"{SLOTS_KEY} is written by the engine only")
+        if PLAN_KEY not in extra_args:
+            return None
         try:
-            controls = parse_controls(extra_args, self.cfg)
-        except RequestError as e:
-            log.error("WRAG: request %s: %s; serving it with the base model (enable the endpoint "
-                      "plugin with VLLM_PLUGINS=wrag to get HTTP 400 instead)", getattr(request, "request_id", "?"), e)
-            return Plan(source="off")
+            return Plan.from_sealed(extra_args[PLAN_KEY])
+        except (ValueError, TypeError) as e:
+            raise Refused(f"{PLAN_KEY}: {e}") from None
+
+    def refuse(self, request, why: str) -> None:
+        log.error("WRAG: request %s refused: %s", getattr(request, "request_id", "?"), why)
+        self.failed.append(request)
+
+    def take_failed(self) -> list[object]:
+        out, self.failed = self.failed, []
+        return out
+
+    def _plan_for(self, request, extra_args: dict, sealed: Plan | None) -> Plan:
+        if sealed is not None:
+            return sealed
+        # No front end on this route (offline LLM API, or a route WRAG does not watch): resolve
+        # here; invalid controls refuse the request.
+        controls = parse_controls(extra_args, self.cfg)
         text = self.text_of(request) if (self.text_of and not controls.explicit and not controls.off) else None
         return self.resolver.resolve(text, controls)
 
-    def _prepare(self, request, extra_args: dict) -> tuple[Plan, list[SlotRef]]:
-        plan = self._plan_for(request, extra_args)
+    def _prepare(self, request, extra_args: dict, sealed: Plan | None) -> tuple[Plan, list[SlotRef]]:
+        plan = self._plan_for(request, extra_args, sealed)
         return plan, self.preparer.prepare(plan)
 
     # ------------------------------------------------------------------ admission
@@ -99,10 +139,10 @@ class Admission:
                     continue
                 try:
                     plan, slots = p.future.result()
-                except Exception as e:  # shard removed meanwhile, composition failed, ...
-                    log.error("WRAG: request %s: preparing its shard set failed (%s); serving it with "
-                              "the base model", req_id, e)
-                    plan, slots = Plan(source="failed"), []
+                except Exception as e:  # bad controls, shard removed meanwhile, composition failed, ...
+                    del self.pending[req_id]
+                    self.refuse(p.request, f"preparing its shard set failed: {e}")
+                    continue
                 p.slots = slots
                 p.keys = frozenset(s.key for s in slots)
                 self._attach(p.request, plan, slots)
@@ -118,16 +158,14 @@ class Admission:
             out.append(p.request)
         return out
 
-    def admit_now(self, req_id: str, request, extra_args: dict) -> None:
-        """A request without shards: straight in."""
-        self.inside[req_id] = frozenset()
-
     def _attach(self, request, plan: Plan, slots: list[SlotRef]) -> None:
         ea = request.sampling_params.extra_args
         if ea is None:
             ea = request.sampling_params.extra_args = {}
         ea[PLAN_KEY] = plan.to_json()
         ea[SLOTS_KEY] = slots_to_json(slots)
+        if slots and self.resalt is not None:
+            self.resalt(request, cache_salt(getattr(request, "cache_salt", None), slots))
         log.info("WRAG: request %s -> %s (%s)", getattr(request, "request_id", "?"), plan.header(), plan.source)
 
     # ------------------------------------------------------------------ leaving
@@ -140,6 +178,8 @@ class Admission:
             p = self.pending.pop(r)
             if p.future is not None:
                 p.future.cancel()
+        ids = set(req_ids)
+        self.failed = [r for r in self.failed if getattr(r, "request_id", None) not in ids]
         return gone
 
     def shutdown(self) -> None:

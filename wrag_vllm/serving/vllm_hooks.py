@@ -48,6 +48,12 @@ VLLM_SYMBOLS = [
     ("vllm.v1.core.sched.scheduler", "Scheduler._free_request", "overridden in the mixin"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.get_num_unfinished_requests", "overridden in the mixin"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.has_requests", "overridden in the mixin"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", "overridden: errors for refused requests"),
+    ("vllm.v1.engine", "EngineCoreOutput", "built for refused requests (finish_reason ERROR)"),
+    ("vllm.v1.engine", "EngineCoreOutputs", "built for refused requests"),
+    ("vllm.v1.engine", "FinishReason.ERROR", "finish reason of refused requests"),
+    ("vllm.v1.request", "Request.update_block_hashes", "resalt(): prefix-cache keys per shard set"),
+    ("vllm.v1.request", "Request.from_engine_core_request", "cache_salt reaches Request.cache_salt"),
     ("vllm.v1.core.sched.async_scheduler", "AsyncScheduler", "possible base of the mixin"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs", "wrapped (V1 runner step hook)"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_inputs", "wrapped (V2 runner step hook)"),
@@ -59,7 +65,8 @@ VLLM_SYMBOLS = [
 ]
 # attributes read on vLLM objects (not importable symbols; checked by the integration tests)
 VLLM_ATTRIBUTES = [
-    "Request.request_id, Request.sampling_params.extra_args, Request.prompt_token_ids",
+    "Request.request_id, Request.sampling_params.extra_args, Request.prompt_token_ids, Request.client_index",
+    "Request.cache_salt, Request.block_hashes (resalt)",
     "V1 runner: self.input_batch.req_ids/num_reqs, self.requests[id].sampling_params, self.query_start_loc.cpu",
     "V2 runner: NewRequestData.req_id/.sampling_params, InputBatch.req_ids/.query_start_loc_np",
     "SchedulerOutput.finished_req_ids, scheduled_new_reqs",
@@ -290,17 +297,15 @@ def make_scheduler_cls(base):
                 run_dir = os.environ.get("WRAG_RUN_DIR") or _ensure_run_dir()
                 tok_name = vllm_config.model_config.tokenizer
                 self.wrag = Admission(cfg, run_dir, text_of=_prompt_text_fn(tok_name),
-                                      stats=EngineStats(run_dir, "engine"))
+                                      stats=EngineStats(run_dir, "engine"), resalt=resalt)
 
         def add_request(self, request) -> None:
             w = self.wrag
             if w is None or request.request_id in self.requests or request.sampling_params is None:
                 return super().add_request(request)
             ea = request.sampling_params.extra_args
-            if not w.needs_preparation(ea):
-                w.admit_now(request.request_id, request, ea)
+            if w.arrive(request.request_id, request, ea):
                 return super().add_request(request)
-            w.submit(request.request_id, request, ea or {})
 
         def schedule(self, *args, **kwargs):
             w = self.wrag
@@ -324,12 +329,18 @@ def make_scheduler_cls(base):
                 self.wrag.finished(request.request_id)
             return super()._free_request(request, *args, **kwargs)
 
+        def update_from_output(self, scheduler_output, model_runner_output):
+            outputs = super().update_from_output(scheduler_output, model_runner_output)
+            if self.wrag is not None and self.wrag.failed:
+                _emit_errors(outputs, self.wrag.take_failed())
+            return outputs
+
         def get_num_unfinished_requests(self) -> int:
             n = super().get_num_unfinished_requests()
-            return n + (len(self.wrag.pending) if self.wrag is not None else 0)
+            return n + (len(self.wrag.pending) + len(self.wrag.failed) if self.wrag is not None else 0)
 
         def has_requests(self) -> bool:
-            return super().has_requests() or bool(self.wrag is not None and self.wrag.pending)
+            return super().has_requests() or bool(self.wrag is not None and (self.wrag.pending or self.wrag.failed))
 
         def shutdown(self) -> None:
             if self.wrag is not None:
@@ -339,6 +350,27 @@ def make_scheduler_cls(base):
     WragScheduler.__name__ = WragScheduler.__qualname__ = f"Wrag{base.__name__}"
     _SCHED_CACHE[base] = WragScheduler
     return WragScheduler
+
+
+def resalt(request, salt: str) -> None:
+    """Give a request (not yet in vLLM's scheduler) another prefix-cache salt: its block hashes
+    were computed at arrival with the client's salt, so they are recomputed from scratch."""
+    request.cache_salt = salt
+    request.block_hashes = []
+    request.update_block_hashes()
+
+
+def _emit_errors(outputs: dict, requests) -> None:
+    """Finish requests that never entered vLLM's scheduler with finish_reason ERROR (the client
+    gets an error: HTTP 500 or an error event in the stream)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    for r in requests:
+        eco = outputs.get(r.client_index)
+        if eco is None:
+            eco = outputs[r.client_index] = EngineCoreOutputs()
+        eco.outputs.append(EngineCoreOutput(r.request_id, [], finish_reason=FinishReason.ERROR))
+        eco.finished_requests = set(eco.finished_requests or ()) | {r.request_id}
 
 
 def _prompt_text_fn(tokenizer_name):
@@ -459,6 +491,9 @@ def _ensure_run_dir() -> str:
 
 def install() -> None:
     """Everything the general plugin does, in every vLLM process."""
+    from .seal import ensure_key
+
     _ensure_run_dir()
+    ensure_key()
     register_layers()
     install_scheduler_selection()

@@ -1,9 +1,11 @@
 """Per-request controls, carried in the OpenAI body's `vllm_xargs` (→ SamplingParams.extra_args).
 
     wrag_shards   list of shard ids (skips retrieval). A JSON list, or a string: "a,b" or '["a","b"]'
-    wrag_weights  floats, same length as wrag_shards (list, "0.5,0.5" or "[0.5,0.5]"); default equal
+    wrag_weights  floats in [0, max_weight], same length as wrag_shards (list, "0.5,0.5" or
+                  "[0.5,0.5]"); default equal
     wrag_top_k    int in 1..max_top_k              wrag_threshold  float in [-1, 1]
-    wrag_method   a composition method name        wrag_params     JSON object string of its params
+    wrag_method   one of the server's request_methods (default: linear, svd-centered)
+    wrag_params   JSON object of the method's params (ranks capped at the server's max_rank)
     wrag_off      true/1 → the base model alone
 
 vLLM 0.32 validates vllm_xargs values as str | int | float | list[str | int | float], so lists pass
@@ -51,12 +53,23 @@ class RequestControls:
         return self.shards is not None
 
 
-def known_methods() -> tuple[str, ...]:
+def request_methods(cfg: WragConfig) -> tuple[str, ...]:
+    """Methods a request may ask for: the operator's list, plus the server's own default."""
+    return tuple(dict.fromkeys([*cfg.request_methods, cfg.method]))
+
+
+def check_method_params(method: str, params: dict, cfg: WragConfig) -> None:
+    """RequestError unless `params` are valid for `method` and within the server's limits."""
+    from ..compose.api import split_params
+
     try:
-        from ..compose import METHODS
-        return tuple(METHODS)
-    except Exception:  # composition package not importable: accept the agreed default names
-        return ("linear", "svd-centered")
+        m, general = split_params(method, dict(params))
+    except WragError as e:
+        raise RequestError(f"wrag_method/wrag_params: {e}", "wrag_params") from None
+    for name, v in (("rho", m.params.get("rho")), ("max_rank", general["max_rank"])):
+        if v is not None and v > cfg.max_rank:
+            raise RequestError(f"wrag_params: {name}={v} exceeds the server's max_rank {cfg.max_rank}",
+                               "wrag_params")
 
 
 def _list(v, key: str) -> list:
@@ -109,19 +122,22 @@ def _bool(v, key: str) -> bool:
     raise RequestError(f"{key}: expected true/false or 1/0, got {v!r}", key)
 
 
-def parse_controls(xargs: dict | None, cfg: WragConfig, allow_internal: bool = False) -> RequestControls:
+def wrag_keys(xargs) -> list[str]:
+    """The wrag_* keys of a vllm_xargs / extra_args dict."""
+    return [k for k in (xargs or {}) if isinstance(k, str) and k.startswith("wrag_")]
+
+
+def parse_controls(xargs: dict | None, cfg: WragConfig) -> RequestControls:
     """Validate the wrag_* entries of vllm_xargs (other keys are vLLM's business)."""
     c = RequestControls()
     if not xargs:
         return c
     if not isinstance(xargs, dict):
         raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
-    for key in xargs:
-        if not isinstance(key, str) or not key.startswith("wrag_"):
-            continue
-        if key in INTERNAL_KEYS and not allow_internal:
+    for key in wrag_keys(xargs):
+        if key in INTERNAL_KEYS:
             raise RequestError(f"{key} is set by the server and may not be sent by clients", key)
-        if key not in PUBLIC_KEYS and key not in INTERNAL_KEYS:
+        if key not in PUBLIC_KEYS:
             raise RequestError(f"unknown WRAG control {key!r}; known: {', '.join(PUBLIC_KEYS)}", key)
     if "wrag_off" in xargs:
         c.off = _bool(xargs["wrag_off"], "wrag_off")
@@ -143,8 +159,9 @@ def parse_controls(xargs: dict | None, cfg: WragConfig, allow_internal: bool = F
         if len(ws) != len(c.shards):
             raise RequestError(f"wrag_weights has {len(ws)} values for {len(c.shards)} shards", "wrag_weights")
         for w in ws:
-            if not math.isfinite(w) or w < 0:
-                raise RequestError(f"wrag_weights: weights must be finite and >= 0, got {w}", "wrag_weights")
+            if not (math.isfinite(w) and 0 <= w <= cfg.max_weight):
+                raise RequestError(f"wrag_weights: each weight must be finite, >= 0 and <= {cfg.max_weight:g} "
+                                   f"(the server's max_weight), got {w}", "wrag_weights")
         if ws and sum(ws) <= 0:
             raise RequestError("wrag_weights: weights sum to 0", "wrag_weights")
         c.weights = ws
@@ -160,10 +177,15 @@ def parse_controls(xargs: dict | None, cfg: WragConfig, allow_internal: bool = F
         c.threshold = t
     if "wrag_method" in xargs:
         m = xargs["wrag_method"]
-        methods = known_methods()
-        if not isinstance(m, str) or m not in methods:
+        from ..compose import METHODS
+
+        methods = request_methods(cfg)
+        if not isinstance(m, str) or m not in METHODS:
             raise RequestError(f"wrag_method: unknown composition method {m!r}; known: "
-                               f"{', '.join(methods)}", "wrag_method")
+                               f"{', '.join(METHODS)}", "wrag_method")
+        if m not in methods:
+            raise RequestError(f"wrag_method: {m!r} is an offline rule on this server (wrag merge); "
+                               f"per request: {', '.join(methods)}", "wrag_method")
         c.method = m
     if "wrag_params" in xargs:
         p = xargs["wrag_params"]

@@ -120,6 +120,7 @@
       parts.push("WRAG config unavailable: " + e.message);
     }
     status.textContent = "Connected · " + parts.join(" · ");
+    loadMethods();
     loadShards();
   }
 
@@ -127,6 +128,7 @@
     try {
       const out = await api("GET", "wrag/chat/methods");
       const sel = $("method");
+      for (const o of [...sel.options]) if (o.value) o.remove();
       for (const m of out.methods || []) sel.append(el("option", { value: m, text: m }));
     } catch (e) { /* the server default still works */ }
   }
@@ -474,7 +476,6 @@
     $("search-form").addEventListener("submit", search);
     $("add-form").addEventListener("submit", addShard);
     renderPins();
-    loadMethods();
     connect();
   }
 
