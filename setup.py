@@ -1,10 +1,9 @@
 """Package list. Metadata lives in pyproject.toml.
 
-The `kernels/` folder installs under the import name `wrag_kernels`: a top-level `kernels` would
-collide with the PyPI package of that name.
+Two import packages: `wrag_vllm` (the repository root) and `wrag_kernels` (in `kernels/`, the
+folder of the kernel code, which will also hold native sources).
 """
 from setuptools import find_packages, setup
 
-wrag = find_packages(include=["wrag_vllm", "wrag_vllm.*"])
-kern = ["wrag_kernels"] + ["wrag_kernels." + p for p in find_packages("kernels")]
-setup(packages=wrag + kern, package_dir={"wrag_kernels": "kernels"})
+setup(packages=find_packages(include=["wrag_vllm", "wrag_vllm.*"]) + find_packages("kernels"),
+      package_dir={"wrag_kernels": "kernels/wrag_kernels"})

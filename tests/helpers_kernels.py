@@ -52,7 +52,7 @@ class Problem:
 
 def make_problem(layout: str = "prefill", n_slices: int = 2, dtype=torch.float32, seed: int = 0,
                  d_in: int = 40, d_out: int = 36, requests=REQUESTS, ranks=RANKS, R: int = 16,
-                 k_max: int = 8, poison: bool = True) -> Problem:
+                 k_max: int = 8, poison: bool = True, backend: str = "torch") -> Problem:
     """layout: "prefill" (request lengths as listed) or "decode" (every request 1 token)."""
     g = torch.Generator().manual_seed(seed)
     S = len(ranks)
@@ -75,7 +75,7 @@ def make_problem(layout: str = "prefill", n_slices: int = 2, dtype=torch.float32
     T = int(qsl[-1])
     x = torch.randn(T, d_in, generator=g).to(dtype)
     y = torch.randn(T, n_slices * d_out, generator=g).to(dtype)
-    meta = DeltaMeta(max_tokens=T + 3, max_seqs=len(requests) + 2, k_max=k_max, device="cpu")
+    meta = DeltaMeta(max_tokens=T + 3, max_seqs=len(requests) + 2, k_max=k_max, device="cpu", backend=backend)
     meta.fill(qsl, slots, weights)
     return Problem(y, x, a.to(dtype), b.to(dtype), torch.tensor(ranks, dtype=torch.int32), qsl, slots,
                    weights, meta, torch.tensor(no_shard, dtype=torch.bool))

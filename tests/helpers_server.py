@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from wrag_vllm.serving.launch import VllmServer, free_port  # noqa: F401  (free_port: re-exported)
+from wrag_vllm.launch import VllmServer, free_port  # noqa: F401  (free_port: re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -40,7 +40,10 @@ def build_model_dir(out_dir: Path, seed: int = 0) -> Path:
 
     head_dim 32 (2 heads of hidden 64): the CPU attention backend supports head sizes >= 32 only.
     """
-    from helpers_shards import tiny_llama
+    if __package__:     # imported as tests.helpers_server (the serving benchmarks)
+        from .helpers_shards import tiny_llama
+    else:               # tests/ on sys.path (conftest.py)
+        from helpers_shards import tiny_llama
 
     out_dir = Path(out_dir)
     model = tiny_llama(seed, num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=3, torch_dtype=torch.float32)
@@ -61,3 +64,23 @@ class Server(VllmServer):
                          eager=eager, env=e, kv_cache_bytes=64 << 20, served_name="tiny",
                          extra_args=["--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "64",
                                      *extra_args])
+
+
+def model_and_store(tmp: Path, descriptions: dict[str, str], seed: int):
+    """A tiny model folder and a store holding one random rank-4 shard per (id, description), scale
+    4 (large enough to change the random model's greedy tokens). (model_dir, fingerprint, store,
+    {id: shard}); shard i has seed `seed + i`."""
+    from helpers_shards import random_shard
+
+    from wrag_vllm.fingerprint import fingerprint_dir
+    from wrag_vllm.store import ShardStore
+
+    model_dir = build_model_dir(tmp / "model")
+    fp = fingerprint_dir(model_dir)
+    store = ShardStore(tmp / "store")
+    shards = {sid: random_shard(fp, sid, rank=4, seed=seed + i, description=desc, scale=4.0)
+              for i, (sid, desc) in enumerate(descriptions.items())}
+    for sh in shards.values():
+        store.add(sh)
+    return model_dir, fp, store, shards
+

@@ -1,25 +1,16 @@
-"""CPU-side logic of benchmarks/gpu_kernels.py and a tiny run of benchmarks/bench_kernels.py."""
+"""CPU-side logic of benchmarks/gpu/gpu_kernels.py and a tiny run of benchmarks/micro/bench_kernels.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_wrag_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks.gpu import gpu_kernels as g
+from benchmarks.micro import bench_kernels
 
 
 def test_gpu_byte_model_and_peaks():
-    g = _load("gpu_kernels")
     by = g.step_bytes(3072, 8192, [16] * 64, elem=2)
     assert by["base_bytes"] == 3 * 3072 * 8192 * 2
     assert by["shard_bytes"] == 64 * 16 * (2 * (3072 + 8192) + 8192 + 3072) * 2
@@ -31,7 +22,6 @@ def test_gpu_byte_model_and_peaks():
 
 def test_gpu_script_logic_on_cpu():
     """The same correctness cases and decode problem the GPU run uses, on CPU (torch backend)."""
-    g = _load("gpu_kernels")
     rows = g.correctness_cases(torch.device("cpu"), [torch.float32, torch.bfloat16])
     assert len(rows) == 8 and all(r["ok"] for r in rows), rows
     p = g.make_decode_problem(64, 128, 8, 8, 3, 8, torch.float32, "cpu")
@@ -47,9 +37,8 @@ def test_gpu_script_logic_on_cpu():
 
 @pytest.mark.slow
 def test_cpu_bench_tiny_run(tmp_path):
-    b = _load("bench_kernels")
-    assert b.main(["--shapes", "tiny", "--ks", "3", "--reps", "3", "--budget-s", "0.2",
-                   "--out", str(tmp_path), "--name", "t"]) == 0
+    assert bench_kernels.main(["--shapes", "tiny", "--ks", "3", "--reps", "3", "--budget-s", "0.2",
+                               "--out", str(tmp_path), "--name", "t"]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["machine"]["torch"] == torch.__version__
     assert all(r["rel_err"] < 1e-5 for r in data["rows"])

@@ -7,7 +7,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from helpers_kernels import assert_matches, make_problem
 from wrag_kernels import DeltaMeta, apply_delta
-from wrag_kernels.meta import DENSE_MIN_TOKENS, INFO_BUCKETS, INFO_CONCAT, INFO_GROUPS
+from wrag_kernels.cpu import CPU_BUCKETS, CPU_DENSE, CPU_GROUPS, DENSE_MIN_TOKENS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -23,13 +23,13 @@ def test_torch_path_matches_dense(dtype, layout, n_slices):
 def test_plan_uses_both_paths():
     """The prefill problem exercises dense groups (contiguous and not) and slot buckets."""
     p = make_problem("prefill")
-    info = p.meta.host_info.tolist()
+    info = p.meta.cpu.info.tolist()
     # dense: the split [0,1,2] pair of requests, the 17-token 8-shard one, [5,5,8] (4 tokens), [9]
-    assert info[INFO_CONCAT] == 4 and DENSE_MIN_TOKENS <= 4
-    assert sorted(p.meta.cplan[:4, 0].tolist())[0] == -1          # the split [0,1,2] group
+    assert info[CPU_DENSE] == 4 and DENSE_MIN_TOKENS <= 4
+    assert sorted(p.meta.cpu.cplan[:4, 0].tolist())[0] == -1          # the split [0,1,2] group
     # buckets: the 3-token requests [4] and [4, 6]: slot 4 has 6 tokens, slot 6 has 3
-    assert info[INFO_GROUPS] == 2 and info[INFO_BUCKETS] == 2
-    assert sorted(p.meta.plan[:2, 3].tolist()) == [3, 6]
+    assert info[CPU_GROUPS] == 2 and info[CPU_BUCKETS] == 2
+    assert sorted(p.meta.cpu.plan[:2, 3].tolist()) == [3, 6]
 
 
 @pytest.mark.parametrize("shape", [(64, 128, 8), (576, 1536, 16)])
@@ -82,7 +82,7 @@ def test_early_exit_reads_nothing():
 
 def test_meta_fill_in_place_and_padding():
     meta = DeltaMeta(16, 4, 3, "cpu")
-    bufs = [meta.token_slots, meta.seq_start, meta.seq_slots, meta.host_info, meta.plan]
+    bufs = [meta.token_slots, meta.seq_start, meta.seq_slots, meta.host_info, meta.cpu.plan]
     ptrs = [t.data_ptr() for t in bufs]
     meta.fill(torch.tensor([0, 2, 5]), torch.tensor([[1, 1, -1], [0, -1, -1]]),
               torch.tensor([[0.5, 0.25, 0.0], [1.0, 0.0, 0.0]]))
@@ -124,9 +124,7 @@ def test_opcheck_custom_op():
     """Schema, fake (meta) impl and functionalization of torch.ops.wrag.apply_delta."""
     p = make_problem("prefill", 2, torch.float32, poison=False)
     m = p.meta
-    args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.token_slots, m.token_weights, m.seq_start,
-            m.seq_slots, m.seq_weights, m.pair_tok, m.pair_w, m.plan, m.plan_w, m.cplan, m.cslots, m.cweights,
-            m.ctok, m.host_info, "torch")
+    args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.backend, *m.meta_args())
     torch.library.opcheck(torch.ops.wrag.apply_delta.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
@@ -184,8 +182,8 @@ def test_dense_groups_large_requests(dtype):
             (50, [3, 4], [1.0, 0.25]), (2, [3, 4], [1.0, 0.5])]
     ranks = [4, 2, 4, 8, 3, 8]
     p = make_problem("prefill", 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24)
-    info = p.meta.host_info.tolist()
-    assert info[INFO_CONCAT] == 2 and info[INFO_GROUPS] == 2      # two dense groups; slots 3, 4
+    info = p.meta.cpu.info.tolist()
+    assert info[CPU_DENSE] == 2 and info[CPU_GROUPS] == 2      # two dense groups; slots 3, 4
     out = p.y.clone()
     apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
     assert_matches(out, p)
@@ -204,4 +202,4 @@ def test_decode_buckets_mixed_sharing(dtype):
         out = p.y.clone()
         apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
         assert_matches(out, p)
-        assert p.meta.host_info[INFO_BUCKETS].item() >= 2
+        assert p.meta.cpu.info[CPU_BUCKETS].item() >= 2

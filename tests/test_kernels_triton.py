@@ -82,13 +82,14 @@ def interpreted_kernels():
 @pytest.mark.parametrize("layout", ["prefill", "decode"])
 @pytest.mark.parametrize("n_slices", [1, 2])
 def test_triton_matches_dense(dtype, layout, n_slices):
-    p = make_problem(layout, n_slices, dtype, requests=REQS, ranks=RANKS, R=20, **SMALL)
+    p = make_problem(layout, n_slices, dtype, requests=REQS, ranks=RANKS, R=20, backend="triton", **SMALL)
     out = p.y.clone()
-    apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta, backend="triton")
+    apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
     assert_matches(out, p)
     # Same numbers as the CPU torch path (different summation order, so not bit-exact).
-    ref_torch = p.y.clone()
-    apply_delta(ref_torch, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta, backend="torch")
+    q = make_problem(layout, n_slices, dtype, requests=REQS, ranks=RANKS, R=20, backend="torch", **SMALL)
+    ref_torch = q.y.clone()
+    apply_delta(ref_torch, q.x, q.a_pool, q.b_pool, q.slot_ranks, q.meta)
     assert torch.allclose(out.float(), ref_torch.float(), rtol=5e-2, atol=5e-2)
 
 
@@ -99,35 +100,18 @@ def test_triton_full_pool_no_shard_bit_exact():
     a[:, -1] = float("nan")            # the slot a wrapped −1 would hit
     b[:, -1] = float("nan")
     ranks = torch.full((S,), R, dtype=torch.int32)
-    meta = DeltaMeta(16, 4, 2, "cpu")
+    meta = DeltaMeta(16, 4, 2, "cpu", backend="triton")
     meta.fill([0, 2, 3, 6], [[-1, -1], [0, 1], [-1, -1]], [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     x, y0 = torch.randn(6, d), torch.randn(6, 2 * d)
     for qsl in ([0, 2, 3, 6], [0, 1, 2, 3]):          # SGMV layout, then BGMV (decode) layout
         T = qsl[-1]
         meta.fill(qsl, [[-1, -1], [0, 1], [-1, -1]], [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
         y = y0[:T].clone()
-        apply_delta(y, x[:T], a, b, ranks, meta, backend="triton")
+        apply_delta(y, x[:T], a, b, ranks, meta)
         none = torch.ones(T, dtype=torch.bool)
         none[qsl[1]:qsl[2]] = False
         assert torch.equal(y[none], y0[:T][none])
         assert torch.isfinite(y).all() and not torch.equal(y[~none], y0[:T][~none])
-
-
-def test_shrink_expand_ops_compose():
-    """torch.ops.wrag.delta_shrink + delta_expand == apply_delta (and their fakes give shapes)."""
-    p = make_problem("prefill", 2, torch.float32, requests=REQS, ranks=RANKS, R=20, **SMALL)
-    m = p.meta
-    h = torch.ops.wrag.delta_shrink(p.x, p.a_pool, p.slot_ranks, m.token_slots, m.seq_start, m.seq_slots, False)
-    assert h.shape == (2, p.x.shape[0], m.k_max, 20) and h.dtype == torch.float32
-    out = p.y.clone()
-    torch.ops.wrag.delta_expand(out, h, p.b_pool, p.slot_ranks, m.token_slots, m.token_weights, m.seq_start,
-                                m.seq_slots, m.seq_weights, False)
-    assert_matches(out, p)
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        fh = torch.ops.wrag.delta_shrink(p.x, p.a_pool, p.slot_ranks, m.token_slots, m.seq_start,
-                                         m.seq_slots, True)
-    assert fh.shape == h.shape
 
 
 def test_interpreter_selected_kernel_layouts():
@@ -138,9 +122,9 @@ def test_interpreter_selected_kernel_layouts():
         triton_shrink.bgmv_shrink = lambda *a, **k: (calls.append("bgmv"), orig[0](*a, **k))
         triton_shrink.sgmv_shrink = lambda *a, **k: (calls.append("sgmv"), orig[1](*a, **k))
         for layout in ("decode", "prefill"):
-            p = make_problem(layout, 1, torch.float32, requests=REQS[:3], ranks=RANKS, R=20, **SMALL)
+            p = make_problem(layout, 1, torch.float32, requests=REQS[:3], ranks=RANKS, R=20, backend="triton", **SMALL)
             out = p.y.clone()
-            apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta, backend="triton")
+            apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
             assert_matches(out, p)
     finally:
         triton_shrink.bgmv_shrink, triton_shrink.sgmv_shrink = orig

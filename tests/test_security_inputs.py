@@ -367,7 +367,7 @@ def test_store_learns_base_facts(tmp_path, tiny_fp, tiny_model_dir):
             assert st.base.weight_rms == again.base.weight_rms == tiny_fp.weight_rms
         with pytest.raises(StoreError, match="bound to another base"):
             st.bind_base(fingerprint_model(tiny_llama(3)))
-    # the committed demo shards against SmolLM2-135M-Instruct's weight_rms (benchmarks/delta_rms_ratios.py)
+    # the committed demo shards against SmolLM2-135M-Instruct's weight_rms (benchmarks/data/delta_rms_ratios.py)
     for p in sorted((Path(shard_mod.__file__).parent / "data" / "shards").glob("*.safetensors")):
         demo = load_shard(p)
         demo.validate(base=dataclasses.replace(demo.base, weight_rms=0.184093))

@@ -7,22 +7,22 @@ without vLLM. The slow tests (end of file) run them against a real `vllm serve`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
 import json
 import os
 import urllib.request
 
 import pytest
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
-from wrag_vllm.serving.api import ROUTES, WragEndpoint
+from wrag_vllm.serving.frontend import ROUTES, WragEndpoint
 from wrag_vllm.serving.config import WragConfig
-from wrag_vllm.serving.resolver import Plan, Resolver
+from wrag_vllm.serving.plan import Plan
+from wrag_vllm.serving.resolver import Resolver
 from wrag_vllm.serving.seal import ensure_key
-from wrag_vllm.serving.xargs import PLAN_KEY, RequestError, parse_controls
+from wrag_vllm.serving.controls import RequestError, parse_controls
+from wrag_vllm.serving.plan import PLAN_KEY
 
 KEY = "sec-key-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -162,7 +162,7 @@ def test_weights_methods_and_params_are_bounded():
     with pytest.raises(RequestError, match="offline rule"):
         parse_controls({"wrag_method": "ties"}, cfg)
     assert parse_controls({"wrag_method": "ties"}, WragConfig(store="/x", request_methods=["ties"])).method == "ties"
-    from wrag_vllm.serving.xargs import check_method_params
+    from wrag_vllm.serving.controls import check_method_params
     check_method_params("svd-centered", {"lam": 1.0, "rho": 8}, cfg)
     for bad in ({"lam": -5}, {"lam": 1e9}, {"rho": 10 ** 9}, {"max_rank": 10 ** 6}, {"rho_energy": 2}):
         with pytest.raises(RequestError):
@@ -278,7 +278,7 @@ class _Req:
 
 
 def test_engine_refuses_what_the_front_end_did_not_seal(store, tmp_path, monkeypatch):
-    from wrag_vllm.serving.scheduler import Admission
+    from wrag_vllm.serving.admission import Admission
 
     monkeypatch.delenv("WRAG_PLAN_KEY", raising=False)
     ensure_key()
@@ -299,7 +299,7 @@ def test_engine_refuses_what_the_front_end_did_not_seal(store, tmp_path, monkeyp
 
 
 def test_engine_salts_the_prefix_cache_per_applied_set(store, tmp_path, monkeypatch):
-    from wrag_vllm.serving.scheduler import Admission, cache_salt
+    from wrag_vllm.serving.admission import Admission, cache_salt
 
     monkeypatch.delenv("WRAG_PLAN_KEY", raising=False)
     ensure_key()
@@ -328,20 +328,12 @@ PREFIX = ("A long shared system prompt that many tenants send first, so that vLL
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from helpers_server import Server, build_model_dir
-    from helpers_shards import random_shard
-
-    from wrag_vllm.fingerprint import fingerprint_dir
-    from wrag_vllm.store import ShardStore
+    from helpers_server import Server, model_and_store
 
     tmp = tmp_path_factory.mktemp("wrag-sec")
-    model_dir = build_model_dir(tmp / "model")
-    fp = fingerprint_dir(model_dir)
-    store = ShardStore(tmp / "store")
-    for i, (sid, desc) in enumerate({"law": "contracts, courts and lawsuits",
-                                     "med": "medicine, diseases and patients",
-                                     "broken": "a shard whose file goes bad on disk"}.items()):
-        store.add(random_shard(fp, sid, rank=4, seed=30 + i, description=desc, scale=4.0))
+    model_dir, _, store, _ = model_and_store(tmp, {"law": "contracts, courts and lawsuits",
+                                                   "med": "medicine, diseases and patients",
+                                                   "broken": "a shard whose file goes bad on disk"}, seed=30)
     srv = Server(model_dir, tmp / "store", tmp, wrag={**SLOW_WRAG, "admin_dirs": [str(tmp / "incoming")]},
                  api_key="sec-key-1", eager=True, extra_args=["--enable-prompt-tokens-details", "--enable-scale-out"])
     try:

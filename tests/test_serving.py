@@ -34,21 +34,10 @@ N_TOK = 8
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    from helpers_server import Server, build_model_dir
-    from helpers_shards import random_shard
-
-    from wrag_vllm.fingerprint import fingerprint_dir
-    from wrag_vllm.store import ShardStore
+    from helpers_server import Server, model_and_store
 
     tmp = tmp_path_factory.mktemp("wrag-serve")
-    model_dir = build_model_dir(tmp / "model")
-    fp = fingerprint_dir(model_dir)
-    store = ShardStore(tmp / "store")
-    shards = {}
-    for i, (sid, desc) in enumerate(SHARDS.items()):
-        # scale 4: deltas large enough to change greedy tokens of the random model
-        shards[sid] = random_shard(fp, sid, rank=4, seed=10 + i, description=desc, scale=4.0)
-        store.add(shards[sid])
+    model_dir, fp, _, shards = model_and_store(tmp, SHARDS, seed=10)
     # compiled (the product default) unless WRAG_TEST_EAGER=1 (faster startup while developing)
     eager = os.environ.get("WRAG_TEST_EAGER", "0") == "1"
     srv = Server(model_dir, tmp / "store", tmp, wrag={**WRAG, "admin_writes": True, "admin_dirs": [str(tmp)]},
@@ -163,8 +152,8 @@ BAD = [
     ({"wrag_top_k": 0}, "wrag_top_k"),
     ({"wrag_top_k": 10**9}, "wrag_top_k"),
     ({"wrag_shards": ["law"], "wrag_weights": ["NaN"]}, "finite"),
-    ({"wrag_shards": ["law"], "wrag_weights": [-1.0]}, ">= 0"),
-    ({"wrag_shards": ["law", "med"], "wrag_weights": [1.0]}, "2 shards"),
+    ({"wrag_shards": ["law"], "wrag_weights": [-1.0]}, "≥ 0"),
+    ({"wrag_shards": ["law", "med"], "wrag_weights": [1.0]}, "2 shard(s)"),
     ({"wrag_top_k": "three"}, "integer"),
     ({"wrag_threshold": "high"}, "number"),
     ({"wrag_method": "magic"}, "unknown composition method"),

@@ -1,4 +1,4 @@
-"""Fails loudly when a vLLM upgrade moves a symbol WRAG couples to (see serving/vllm_hooks.py)."""
+"""Fails loudly when a vLLM upgrade moves a symbol WRAG couples to (see serving/hooks/symbols.py)."""
 from __future__ import annotations
 
 import inspect
@@ -8,7 +8,7 @@ import pytest
 
 
 def test_every_coupled_vllm_symbol_exists():
-    from wrag_vllm.serving.vllm_hooks import missing_symbols
+    from wrag_vllm.serving.hooks.symbols import missing_symbols
 
     missing = missing_symbols()
     assert not missing, "vLLM moved symbols WRAG patches or subclasses:\n" + "\n".join(missing)
@@ -17,12 +17,11 @@ def test_every_coupled_vllm_symbol_exists():
 def test_patched_signatures_unchanged():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from wrag_vllm.serving.vllm_hooks import _linear_classes
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
     assert list(inspect.signature(GPUModelRunner._prepare_inputs).parameters)[:3] == \
         ["self", "scheduler_output", "num_scheduled_tokens"]
-    Merged, Row = _linear_classes()
-    for cls in (Merged, Row):
+    for cls in (MergedColumnParallelLinear, RowParallelLinear):
         src = inspect.getsource(cls.forward)
         assert "self.quant_method.apply" in src, f"{cls.__name__}.forward changed: re-check the WRAG subclass"
 
@@ -43,15 +42,16 @@ def test_register_layers_idempotent_and_scheduler_subclass():
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from wrag_vllm.serving import vllm_hooks
+    from wrag_vllm.serving.hooks.layers import WragMergedColumnParallelLinear, WragRowParallelLinear, register_layers
+    from wrag_vllm.serving.hooks.scheduler import make_scheduler_cls
 
-    a = vllm_hooks.register_layers()
-    b = vllm_hooks.register_layers()
-    assert a is b and op_registry_oot["MergedColumnParallelLinear"] is a[0]
-    assert op_registry_oot["RowParallelLinear"] is a[1]
+    register_layers()
+    register_layers()
+    assert op_registry_oot["MergedColumnParallelLinear"] is WragMergedColumnParallelLinear
+    assert op_registry_oot["RowParallelLinear"] is WragRowParallelLinear
     for base in (Scheduler, AsyncScheduler):
-        cls = vllm_hooks.make_scheduler_cls(base)
-        assert issubclass(cls, base) and vllm_hooks.make_scheduler_cls(cls) is cls
+        cls = make_scheduler_cls(base)
+        assert issubclass(cls, base) and make_scheduler_cls(cls) is cls
 
 
 @pytest.mark.parametrize("prefix,kind,hit", [
@@ -59,7 +59,7 @@ def test_register_layers_idempotent_and_scheduler_subclass():
     ("model.layers.3.self_attn.o_proj", "down", False), ("model.layers.3.self_attn.qkv_proj", "gate_up", False),
     ("vision.layers.1.mlp.fc2", "down", False)])
 def test_prefix_rule(prefix, kind, hit):
-    from wrag_vllm.serving.vllm_hooks import _PREFIX
+    from wrag_vllm.serving.hooks.layers import FFN_PREFIX
 
-    m = _PREFIX.search(prefix)
+    m = FFN_PREFIX.search(prefix)
     assert bool(m and (kind == "gate_up") == (m.group(2) == "gate_up_proj")) == hit

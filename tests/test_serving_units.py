@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from concurrent.futures import Future
 
 import pytest
@@ -11,8 +9,9 @@ import torch
 
 from wrag_vllm.errors import WragError
 from wrag_vllm.serving.config import WragConfig
-from wrag_vllm.serving.resolver import Plan, softmax_weights
-from wrag_vllm.serving.xargs import RequestError, parse_controls
+from wrag_vllm.serving.plan import Plan
+from wrag_vllm.serving.resolver import softmax_weights
+from wrag_vllm.serving.controls import RequestError, parse_controls
 
 CFG = WragConfig(store="/nonexistent", max_top_k=8)
 
@@ -46,8 +45,8 @@ def test_xargs_list_forms(xargs, shards, weights):
 @pytest.mark.parametrize("xargs,msg", [
     ({"wrag_top_k": 0}, "1..8"), ({"wrag_top_k": 10**9}, "1..8"), ({"wrag_top_k": 2.5}, "integer"),
     ({"wrag_top_k": True}, "boolean"), ({"wrag_shards": ["a"], "wrag_weights": [float("nan")]}, "finite"),
-    ({"wrag_shards": ["a"], "wrag_weights": ["inf"]}, "finite"), ({"wrag_shards": ["a"], "wrag_weights": [-1]}, ">= 0"),
-    ({"wrag_shards": ["a", "b"], "wrag_weights": [0, 0]}, "sum to 0"), ({"wrag_weights": [1]}, "needs wrag_shards"),
+    ({"wrag_shards": ["a"], "wrag_weights": ["inf"]}, "finite"), ({"wrag_shards": ["a"], "wrag_weights": [-1]}, "≥ 0"),
+    ({"wrag_shards": ["a", "b"], "wrag_weights": [0, 0]}, "all weights are zero"), ({"wrag_weights": [1]}, "needs wrag_shards"),
     ({"wrag_shards": ["a", "a"]}, "twice"), ({"wrag_shards": [1]}, "non-empty strings"),
     ({"wrag_shards": {"a": 1}}, "expected a list"), ({"wrag_threshold": 2}, "[-1, 1]"),
     ({"wrag_method": "magic"}, "unknown composition method"), ({"wrag_off": "maybe"}, "true/false"),
@@ -139,8 +138,8 @@ class _Req:
 
 
 def test_admission_never_exceeds_pool_and_keeps_order(tmp_path):
-    from wrag_vllm.serving.preparer import SlotRef
-    from wrag_vllm.serving.scheduler import Admission, _Pending
+    from wrag_vllm.serving.plan import SlotRef
+    from wrag_vllm.serving.admission import Admission, _Pending
 
     cfg = WragConfig(store=str(tmp_path / "s"), slots=2, k_max=2)
     adm = Admission(cfg, str(tmp_path / "run"))
@@ -176,13 +175,13 @@ def test_pool_lru_pins_and_meta(tmp_path, tiny_fp):
     from helpers_shards import random_shard
 
     from wrag_vllm.serving.pool import ShardPool
-    from wrag_vllm.serving.preparer import SlotRef
+    from wrag_vllm.serving.plan import SlotRef
 
     paths = {}
     for sid in "abc":
         paths[sid] = str(random_shard(tiny_fp, sid, rank=2, seed=ord(sid)).save(tmp_path / f"{sid}.safetensors"))
     pool = ShardPool(slots=2, max_rank=4, k_max=2, max_tokens=16, max_seqs=4, host_cache_bytes=1 << 20,
-                     run_dir=None, device="cpu", dtype=torch.float32)
+                     run_dir=None, device="cpu")
     layer = _FakeLayer()
     pool.register(layer)
     ref = lambda s, w=1.0: SlotRef(s, w, paths[s])  # noqa: E731

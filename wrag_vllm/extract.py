@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from .errors import ShardError
 from .fingerprint import BaseFingerprint, fingerprint_dir
@@ -91,13 +92,8 @@ def extract(base_dir: str | Path, finetuned_dir: str | Path, shard_id: str, rank
                              f"{getattr(ft_fp, k)} vs {getattr(base_fp, k)}")
     wb, wf = _Weights(Path(base_dir)), _Weights(Path(finetuned_dir))
     jobs = [(l, m) for l in range(base_fp.num_layers) for m in FFN_MODULES]
-    try:
-        from tqdm import tqdm
-        it = tqdm(jobs, desc="extracting", unit="proj", disable=not progress)
-    except ImportError:  # pragma: no cover
-        it = jobs
     factors, report = {}, []
-    for layer, mod in it:
+    for layer, mod in tqdm(jobs, desc="extracting", unit="proj", disable=not progress):
         key = f"model.layers.{layer}.mlp.{mod}.weight"
         delta = wf.get(key).float() - wb.get(key).float()
         f, kept = truncate(delta, rank, energy, max_rank=max_rank)

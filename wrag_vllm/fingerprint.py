@@ -115,7 +115,7 @@ def model_basename(name: str | None) -> str | None:
 
 
 def _layer_keys(num_layers: int) -> tuple[str, str]:
-    return (f"model.layers.0.mlp.gate_proj.weight", f"model.layers.{num_layers - 1}.mlp.down_proj.weight")
+    return ("model.layers.0.mlp.gate_proj.weight", f"model.layers.{num_layers - 1}.mlp.down_proj.weight")
 
 
 def _from_config(cfg, tensors, arch: str | None = None, name: str | None = None) -> BaseFingerprint:
@@ -157,12 +157,6 @@ def fingerprint_dir(path: str | Path) -> BaseFingerprint:
         raise FileNotFoundError(f"{path}: cannot fingerprint base model, tensors {missing} not found "
                                 f"in its *.safetensors files")
     return _from_config(cfg, [found[k] for k in want], name=str(path))
-
-
-def fingerprint(path_or_model) -> BaseFingerprint:
-    if isinstance(path_or_model, (str, Path)):
-        return fingerprint_dir(path_or_model)
-    return fingerprint_model(path_or_model)
 
 
 def dumps(fp: BaseFingerprint) -> str:

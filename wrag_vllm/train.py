@@ -24,21 +24,63 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import jsonio
-from .errors import ShardError, WragError
+from .errors import WragError
 from .shard import FFN_MODULES, Factors, Shard, check_modules
 
-DEFAULTS = dict(rank=8, alpha=16.0, steps=100, lr=2e-3, batch_size=4, seq_len=256, seed=0,
-                checkpoint_every=25, dtype="bfloat16", factor_dtype="bfloat16", warmup=10)
 _TORCH_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a shard is trained; the field defaults are the one place of the training defaults.
+
+    What is trained (base, corpus, shard id, output, work dir) are train_shard's other arguments.
+    """
+    rank: int = 8
+    alpha: float | None = None        # LoRA alpha; None: 2 * rank (scale = alpha / rank)
+    steps: int = 100
+    lr: float = 2e-3                  # peak rate
+    batch_size: int = 4
+    seq_len: int = 256                # tokens per packed block
+    seed: int = 0                     # LoRA A init and batch order
+    warmup: int | None = None         # warm-up steps; None: min(10, max(1, steps // 10))
+    checkpoint_every: int = 25
+    dtype: str = "bfloat16"           # compute dtype of the frozen base
+    factor_dtype: str = "bfloat16"    # dtype of the shard's A and B
+    target_modules: tuple[str, ...] = FFN_MODULES
+    allow_attention: bool = False     # research override: also accept attention targets
+    threads: int | None = None        # torch threads during the run; None: leave as is
+
+    def check(self) -> None:
+        """Raise ShardError for refused targets and WragError for bad hyper-parameters."""
+        check_modules(list(self.target_modules), self.allow_attention)  # attention only with the override
+        if self.rank < 1 or self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.lr <= 0:
+            raise WragError("rank, steps, batch size must be >= 1, seq_len >= 2 and lr > 0")
+        if self.dtype not in _TORCH_DTYPES or self.factor_dtype not in _TORCH_DTYPES:
+            raise WragError(f"dtype must be one of {sorted(_TORCH_DTYPES)}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else 2 * self.rank)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(10, max(1, self.steps // 10)) if self.warmup is None else self.warmup
+
+    def hparams(self) -> dict:
+        """What run.json records (a rerun must match it) and the shard's provenance repeats."""
+        return dict(rank=self.rank, alpha=self.lora_alpha, steps=self.steps, lr=self.lr,
+                    batch_size=self.batch_size, seq_len=self.seq_len, seed=self.seed, dtype=self.dtype,
+                    warmup=self.warmup_steps, target_modules=list(self.target_modules))
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -106,9 +148,8 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 # ------------------------------------------------------------------------------------ adapter -> shard
-def adapter_to_shard(peft_model, base, shard_id: str, description: str = "", samples=None,
-                     factor_dtype: torch.dtype = torch.bfloat16, provenance: dict | None = None,
-                     allow_attention: bool = False) -> Shard:
+def adapter_to_shard(peft_model, base, shard_id: str, description: str, samples, factor_dtype: torch.dtype,
+                     provenance: dict, allow_attention: bool = False) -> Shard:
     """The trained PEFT adapter as a validated Shard (the one place that knows how to convert).
 
     Goes through the PEFT directory format and `peft_io.import_peft` (scale = lora_alpha / r), the
@@ -123,7 +164,7 @@ def adapter_to_shard(peft_model, base, shard_id: str, description: str = "", sam
     for k, f in shard.factors.items():
         shard.factors[k] = Factors(f.A.detach().to(factor_dtype).contiguous(),
                                    f.B.detach().to(factor_dtype).contiguous(), f.scale)
-    shard.provenance = {**(provenance or {}), "source": "wrag train"}
+    shard.provenance = {**provenance, "source": "wrag train"}
     return shard.validate(allow_attention)
 
 
@@ -144,46 +185,33 @@ def default_work_dir(shard_id: str, run_key: str) -> Path:
     return cache_root() / "train" / f"{shard_id}-{run_key}"
 
 
-def train_shard(base_dir: str | os.PathLike, texts: list[str], out_path: str | os.PathLike | None = None,
-                rank: int = DEFAULTS["rank"], steps: int = DEFAULTS["steps"], seed: int = DEFAULTS["seed"],
-                lr: float = DEFAULTS["lr"], alpha: float | None = None,
-                batch_size: int = DEFAULTS["batch_size"], seq_len: int = DEFAULTS["seq_len"],
-                shard_id: str = "trained", description: str = "", samples: list[str] | None = None,
-                work_dir: str | os.PathLike | None = None, checkpoint_every: int = DEFAULTS["checkpoint_every"],
-                dtype: str = DEFAULTS["dtype"], factor_dtype: str = DEFAULTS["factor_dtype"],
-                target_modules=FFN_MODULES, allow_attention: bool = False, threads: int | None = None,
-                warmup: int | None = None, restart: bool = False, progress: bool = True,
-                stop_after: int | None = None) -> Shard:
-    """Train an FFN-only LoRA on `texts` over the HF model in `base_dir` and return it as a Shard.
+def train_shard(base_dir: str | os.PathLike, texts: list[str], cfg: TrainConfig = TrainConfig(), *,
+                out_path: str | os.PathLike | None = None, shard_id: str = "trained", description: str = "",
+                samples: list[str] | None = None, work_dir: str | os.PathLike | None = None,
+                restart: bool = False, progress: bool = True, stop_after: int | None = None) -> Shard:
+    """Train an FFN-only LoRA on `texts` over the HF model in `base_dir` as `cfg` says; return it as a Shard.
 
     `stop_after` ends the process-local run after that many steps (the checkpoint stays: a later
     call continues); it exists to test and to split long runs. Returns the shard (also saved to
     `out_path` when given); raises WragError for bad inputs and ShardError for refused targets.
     """
-    check_modules(list(target_modules), allow_attention)  # attention only with the research override
-    if rank < 1 or steps < 1 or batch_size < 1 or seq_len < 2 or lr <= 0:
-        raise WragError("rank, steps, batch size must be >= 1, seq_len >= 2 and lr > 0")
-    if dtype not in _TORCH_DTYPES or factor_dtype not in _TORCH_DTYPES:
-        raise WragError(f"dtype must be one of {sorted(_TORCH_DTYPES)}")
-    alpha = float(alpha if alpha is not None else 2 * rank)
-    warmup = min(DEFAULTS["warmup"], max(1, steps // 10)) if warmup is None else warmup
+    cfg.check()
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise WragError("empty corpus")
     threads_before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        return _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, seq_len, shard_id,
-                      description, samples, work_dir, checkpoint_every, dtype, factor_dtype, target_modules,
-                      warmup, restart, progress, stop_after)
+        return _train(base_dir, texts, cfg, out_path=out_path, shard_id=shard_id, description=description,
+                      samples=samples, work_dir=work_dir, restart=restart, progress=progress,
+                      stop_after=stop_after)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, seq_len, shard_id, description,
-           samples, work_dir, checkpoint_every, dtype, factor_dtype, target_modules, warmup, restart, progress,
-           stop_after) -> Shard:
+def _train(base_dir, texts: list[str], cfg: TrainConfig, *, out_path, shard_id: str, description: str, samples,
+           work_dir, restart: bool, progress: bool, stop_after: int | None) -> Shard:
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,13 +221,12 @@ def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, 
     t_load = time.time()
     base_dir = Path(base_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_TORCH_DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=_TORCH_DTYPES[cfg.dtype])
     base_fp = fingerprint_model(model)
-    blocks = pack(tok, texts, seq_len)  # (n_blocks, seq_len)
-    hp = dict(rank=rank, alpha=alpha, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
-              seed=seed, dtype=dtype, warmup=warmup, target_modules=list(target_modules))
-    cfg = _run_config(base_fp, corpus_hash(texts), len(texts), **hp)
-    run_key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    blocks = pack(tok, texts, cfg.seq_len)  # (n_blocks, seq_len)
+    hp = cfg.hparams()
+    run = _run_config(base_fp, corpus_hash(texts), len(texts), **hp)
+    run_key = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:12]
     work = Path(work_dir) if work_dir else default_work_dir(shard_id, run_key)
     work.mkdir(parents=True, exist_ok=True)
     run_file, ckpt_file = work / "run.json", work / "checkpoint.pt"
@@ -208,19 +235,20 @@ def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, 
             f.unlink(missing_ok=True)
     if run_file.exists():
         old = json.loads(run_file.read_text())
-        if old != cfg:
-            diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
+        if old != run:
+            diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
             raise WragError(f"work dir {work} belongs to a different run (differs in {', '.join(diff)}); "
                             f"use another --work-dir or --restart")
     else:
-        run_file.write_text(json.dumps(cfg, indent=1, sort_keys=True))
+        run_file.write_text(json.dumps(run, indent=1, sort_keys=True))
 
-    torch.manual_seed(seed)  # LoRA A init
-    lcfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+    steps, warmup = cfg.steps, cfg.warmup_steps
+    torch.manual_seed(cfg.seed)  # LoRA A init
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
 
     start, losses, train_s = 0, [], 0.0
@@ -246,7 +274,7 @@ def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, 
                disable=not progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        batch = blocks[batch_indices(step, batch_size, len(blocks), seed)]  # (batch, seq_len)
+        batch = blocks[batch_indices(step, cfg.batch_size, len(blocks), cfg.seed)]  # (batch, seq_len)
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,36 +284,32 @@ def _train(base_dir, texts, out_path, rank, steps, seed, lr, alpha, batch_size, 
         losses.append(float(out.loss.detach()))
         train_s += time.time() - t0
         bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == end:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             checkpoint(step + 1)
     bar.close()
     if end < steps:
-        raise _Paused(end, steps, work)
+        raise TrainingPaused(end, steps, work)
 
     model.eval()
-    prov = {"corpus_hash": cfg["corpus_hash"], "n_texts": len(texts), "n_blocks": len(blocks),
-            "tokens_seen": steps * batch_size * seq_len, **hp,
+    prov = {"corpus_hash": run["corpus_hash"], "n_texts": len(texts), "n_blocks": len(blocks),
+            "tokens_seen": steps * cfg.batch_size * cfg.seq_len, **hp,
             "loss_first10": _mean(losses[:10]), "loss_last10": _mean(losses[-10:]),
             "train_seconds": round(train_s, 1), "load_seconds": round(load_s, 1),
             "threads": torch.get_num_threads(), "work_dir": str(work)}
     shard = adapter_to_shard(model, base_fp, shard_id, description, samples,
-                             _TORCH_DTYPES[factor_dtype], prov,
-                             allow_attention=any(m not in FFN_MODULES for m in target_modules))
+                             _TORCH_DTYPES[cfg.factor_dtype], prov,
+                             allow_attention=any(m not in FFN_MODULES for m in cfg.target_modules))
     if out_path is not None:
         shard.save(out_path)
     return shard
 
 
-class _Paused(WragError):
+class TrainingPaused(WragError):
     """Raised when `stop_after` ends a run early; the checkpoint lets a rerun continue."""
 
     def __init__(self, step, steps, work):
         super().__init__(f"training paused at step {step}/{steps}; rerun the same command to continue "
                          f"(checkpoint in {work})")
-        self.step = step
-
-
-TrainingPaused = _Paused
 
 
 def _mean(xs) -> float | None:
@@ -303,18 +327,19 @@ def register_cli(sub) -> None:
     p.add_argument("--description", help="what the shard knows (embedded for retrieval)")
     p.add_argument("--samples", help="sample requests the shard should serve: text file or .jsonl")
     p.add_argument("--base", help="base model folder (default: the converted SmolLM2-135M-Instruct)")
-    p.add_argument("--rank", type=int, default=DEFAULTS["rank"])
+    d = TrainConfig()  # the CLI defaults are the config's
+    p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 2*rank; scale = alpha/rank)")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    p.add_argument("--dtype", default=DEFAULTS["dtype"], choices=["bfloat16", "float32"],
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32"],
                    help="compute dtype of the frozen base (bf16 is faster on CPUs with AVX512-BF16)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--work-dir", help="checkpoint folder; rerunning with it continues an interrupted run")
-    p.add_argument("--checkpoint-every", type=int, default=DEFAULTS["checkpoint_every"])
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--restart", action="store_true", help="discard the work dir's checkpoint")
     p.add_argument("--out", help="also write the shard file here")
     p.add_argument("--no-register", action="store_true", help="do not add the shard to the store")
@@ -350,11 +375,11 @@ def run_train(args) -> int:
         store = ShardStore(args.store)
         if shard_id in store and not args.overwrite:
             raise WragError(f"store {args.store} already has a shard {shard_id!r}; pass --overwrite or --id")
-    shard = train_shard(base_dir, texts, out_path=args.out, rank=args.rank, steps=args.steps, seed=args.seed,
-                        lr=args.lr, alpha=args.alpha, batch_size=args.batch_size, seq_len=args.seq_len,
-                        shard_id=shard_id, description=description, samples=samples,
-                        work_dir=args.work_dir, checkpoint_every=args.checkpoint_every, dtype=args.dtype,
-                        threads=args.threads, restart=args.restart, progress=not args.json)
+    cfg = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
+                      batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, dtype=args.dtype, threads=args.threads)
+    shard = train_shard(base_dir, texts, cfg, out_path=args.out, shard_id=shard_id, description=description,
+                        samples=samples, work_dir=args.work_dir, restart=args.restart, progress=not args.json)
     row = store.add(shard, overwrite=args.overwrite) if store is not None else shard.meta()
     info = {"id": shard.id, "rank": shard.rank, "bytes": shard.nbytes(), "out": args.out,
             "registered": store is not None, "train_seconds": shard.provenance.get("train_seconds"),

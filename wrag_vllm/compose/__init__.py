@@ -8,11 +8,9 @@
 Methods: linear, svd-centered (default) — exact in factor space; ties, dare — dense references.
 """
 from . import dare, linear, svd_centered, ties  # noqa: F401  (register the methods)
-from .api import GENERAL_PARAMS, check_weights, compose, dense_reference
+from .composite import GENERAL_PARAMS, check_weights, compose, dense_reference
 from .cache import CompositionCache
-from .registry import METHODS, Method, get_method, register
-
-DEFAULT_METHOD = "svd-centered"
+from .registry import DEFAULT_METHOD, METHODS, Method, get_method, register
 
 __all__ = ["compose", "dense_reference", "METHODS", "Method", "get_method", "register",
            "CompositionCache", "DEFAULT_METHOD", "GENERAL_PARAMS", "check_weights"]

@@ -16,34 +16,33 @@ call clear() when the store's `generation` changes.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
+from ..lru import ByteLRU
 from ..shard import Shard
-from .api import canonical_inputs, compose, split_params
+from .composite import canonical_inputs, compose, split_params
+from .registry import DEFAULT_METHOD
 
 DEFAULT_DECIMALS = 3
 
 
 class CompositionCache:
     def __init__(self, max_bytes: int = 256 << 20, decimals: int = DEFAULT_DECIMALS):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be ≥ 0")
-        self.max_bytes = int(max_bytes)
         self.decimals = int(decimals)
-        self._lru: OrderedDict[tuple, Shard] = OrderedDict()
-        self._sizes: dict[tuple, int] = {}
+        self._lru = ByteLRU(max_bytes)             # key -> composite Shard
         self._inflight: dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
+
+    max_bytes = property(lambda self: self._lru.max_bytes)
+    bytes = property(lambda self: self._lru.bytes)
+    hits = property(lambda self: self._lru.hits)
+    misses = property(lambda self: self._lru.misses)
+    evictions = property(lambda self: self._lru.evictions)
 
     # ------------------------------------------------------------------ keys
     def round_weights(self, weights) -> list[float]:
         return [round(float(w), self.decimals) for w in weights]
 
-    def key(self, shards: list[Shard], weights: list[float], method: str = "svd-centered", **params) -> tuple:
+    def key(self, shards: list[Shard], weights: list[float], method: str = DEFAULT_METHOD, **params) -> tuple:
         """The cache key (validates inputs exactly as compose() does; ComposeError if bad)."""
         m, general = split_params(method, dict(params))
         kept, _ = canonical_inputs(shards, self.round_weights(weights))
@@ -53,49 +52,28 @@ class CompositionCache:
                 m.name,
                 tuple(sorted({**m.params, **general}.items(), key=lambda kv: kv[0])))
 
-    # ------------------------------------------------------------------ LRU
+    # ------------------------------------------------------------------ entries
     def get(self, key: tuple) -> Shard | None:
         with self._lock:
-            shard = self._lru.get(key)
-            if shard is None:
-                self.misses += 1
-                return None
-            self._lru.move_to_end(key)
-            self.hits += 1
-            return shard
+            return self._lru.get(key)
 
     def put(self, key: tuple, shard: Shard) -> None:
-        size = shard.nbytes()
         with self._lock:
-            if key in self._lru:
-                self.bytes -= self._sizes.pop(key)
-                del self._lru[key]
-            if size > self.max_bytes:
-                return
-            self._lru[key] = shard
-            self._sizes[key] = size
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                old, _ = self._lru.popitem(last=False)
-                self.bytes -= self._sizes.pop(old)
-                self.evictions += 1
+            self._lru.put(key, shard, shard.nbytes())
 
-    def get_or_compose(self, shards: list[Shard], weights: list[float], method: str = "svd-centered",
+    def get_or_compose(self, shards: list[Shard], weights: list[float], method: str = DEFAULT_METHOD,
                        **params) -> Shard:
         """The composite for (shards, rounded weights, method, params), from cache or freshly composed."""
         weights = self.round_weights(weights)
         key = self.key(shards, weights, method, **params)
         while True:
             with self._lock:
-                shard = self._lru.get(key)
-                if shard is not None:
-                    self._lru.move_to_end(key)
-                    self.hits += 1
-                    return shard
+                if key in self._lru:
+                    return self._lru.get(key)
                 ev = self._inflight.get(key)
                 if ev is None:  # we compose it
                     ev = self._inflight[key] = threading.Event()
-                    self.misses += 1
+                    self._lru.misses += 1
                     break
             ev.wait()  # another thread composes this key; then look again (counts as a hit)
         try:
@@ -111,8 +89,6 @@ class CompositionCache:
     def clear(self) -> None:
         with self._lock:
             self._lru.clear()
-            self._sizes.clear()
-            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._lru)

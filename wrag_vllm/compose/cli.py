@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import ComposeError
 from ..shard import Shard
-from .api import compose
-from .registry import METHODS
+from .composite import compose
+from .registry import DEFAULT_METHOD, METHODS
 
 PROVENANCE_FILE = "wrag_composition.json"
 
@@ -97,7 +97,7 @@ def register_cli(sub) -> None:
     p.add_argument("ids", nargs="+", metavar="ID", help="shard ids in the store")
     p.add_argument("--weights", nargs="+", required=True, metavar="W",
                    help="one weight ≥ 0 per shard (space- or comma-separated)")
-    p.add_argument("--method", default="svd-centered", choices=sorted(METHODS),
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
                    help="composition method (default: svd-centered)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--rank", type=int, help="cap the composite rank per projection (max_rank)")

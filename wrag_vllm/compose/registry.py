@@ -23,6 +23,8 @@ import torch
 
 from ..errors import ComposeError
 
+DEFAULT_METHOD = "svd-centered"   # the rule a request gets unless it or the server names another
+
 
 class Method:
     name: ClassVar[str] = ""

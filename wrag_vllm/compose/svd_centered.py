@@ -34,10 +34,7 @@ Small k, where the mean is a weak estimate:
          p_1·SVD_ρ(D_1) + p_2·SVD_ρ(D_2) = p_1·p_2·(SVD_ρ(Δ) − SVD_ρ(Δ)) = 0: the result is
          exactly linear. Centering needs k ≥ 3 to differ from task arithmetic.
 
-Parameters. Defaults from the sweep in benchmarks/eval_quality.py (SmolLM2 domain shards, right shard
-+ 2 distractors): all 12 (λ, ρ) settings landed within 0.9% perplexity of each other, every one
-below linear; (λ=1, ρ=r) gave −0.35% vs linear, the best (λ=1, rho_energy=0.5) −0.75%, a gap 8
-texts per domain cannot separate from noise, so the simplest setting stays the default:
+Parameters (the defaults and the sweep behind them: docs/decisions.md):
   lam        λ = 1.0   (CART's λ/T at T tasks; 1.0 = add the kept deviations back in full)
   rho        ρ as a rank: default None → ρ = max_i r_i at that (layer, projection), the rank a single
              shard carries (CART's best ρ is ~8% of full rank; a rank-r shard is already that small)
@@ -49,10 +46,8 @@ Factor space: all ΔW_i = Q_B·M_i·Q_Aᵀ (core_space.py), and μ, D_i, SVD_ρ(
 """
 from __future__ import annotations
 
-import torch
-
 from ..errors import ComposeError
-from .core_space import keep_mask, svd_truncate
+from .core_space import svd_truncate
 from .registry import Method, register
 
 

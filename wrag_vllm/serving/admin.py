@@ -33,7 +33,8 @@ from fastapi import APIRouter, HTTPException, Request  # module level: routes' a
 from fastapi.responses import JSONResponse
 
 from ..errors import WragError
-from .xargs import RequestError, parse_controls, request_methods
+from .asgi import parse_form
+from .controls import RequestError, parse_controls, request_methods
 
 log = logging.getLogger("vllm.wrag")
 
@@ -210,15 +211,7 @@ class Admin:
             return {"shard": await limited_body(request, limit)}, dict(request.query_params)
         if ctype == "multipart/form-data":
             raw = await limited_body(request, limit)
-            sent = False
-
-            async def replay():
-                nonlocal sent
-                if sent:
-                    return {"type": "http.disconnect"}
-                sent = True
-                return {"type": "http.request", "body": raw, "more_body": False}
-            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+            form = await parse_form(request.scope, raw, max_files=4, max_fields=16)
             files, fields = {}, {}
             for k, v in form.multi_items():
                 if hasattr(v, "read"):

@@ -1,6 +1,6 @@
 """The WRAG chat page: a static HTML/CSS/JS app served by the WRAG server itself.
 
-Routes (added to vLLM's API server next to the admin routes of api.py):
+Routes (added to vLLM's API server next to the admin routes of admin.py):
     GET /wrag/chat                    the page (chat.html)
     GET /wrag/chat/static/{name}      its CSS/JS, read from the installed package (importlib.resources)
 

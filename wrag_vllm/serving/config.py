@@ -14,29 +14,39 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
+from ..compose.registry import DEFAULT_METHOD
 from ..errors import WragError
 
-METHOD_DEFAULT = "svd-centered"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def default_store_path() -> str:
-    return os.environ.get("WRAG_STORE") or str(Path.home() / ".local/share/wrag/store")
+def parse_bool(v) -> bool:
+    """true/false, 1/0, yes/no, on/off (any case) → bool; ValueError otherwise."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    s = str(v).strip().lower() if isinstance(v, str) else None
+    if s in TRUE or s in FALSE:
+        return s in TRUE
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+def _default_store() -> str:
+    from ..store import default_store_path   # the store's own rule ($WRAG_STORE, else ~/.local/...)
+    return str(default_store_path())
 
 
 @dataclass
 class WragConfig:
     enabled: bool = True
-    store: str = field(default_factory=default_store_path)
+    store: str = field(default_factory=_default_store)
     top_k: int = 3                 # shards retrieved per request
     max_top_k: int = 16            # largest wrag_top_k a request may ask for
-    # Cosine score below which a retrieved shard is dropped. Measured with MiniLM on the demo's 4
-    # domains: 0.15 keeps 92.5% of 240 held-out domain prompts and retrieves for 5 of 20 general
-    # requests (0.3 kept 33%; 0.2 kept 80% / 1 of 20).
-    threshold: float = 0.15
+    threshold: float = 0.15        # cosine score below which a retrieved shard is dropped (docs/decisions.md)
     temperature: float = 0.1       # weights = softmax(score / temperature) over the kept shards
-    method: str = METHOD_DEFAULT   # composition method (wrag_vllm.compose.METHODS)
+    method: str = DEFAULT_METHOD   # composition method (wrag_vllm.compose.METHODS)
     method_params: dict = field(default_factory=dict)
     slots: int = 8                 # device pool slots per FFN layer (S)
     max_rank: int = 64             # rank per slot (R); a composite of rank > R is refused
@@ -132,14 +142,7 @@ def _coerce(typ, v, where):
     typ = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
     try:
         if typ == "bool":
-            if isinstance(v, bool):
-                return v
-            s = str(v).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(v)
+            return parse_bool(v)
         if typ == "int":
             if isinstance(v, bool):
                 raise ValueError(v)

@@ -6,15 +6,14 @@ scheduler then behave exactly like vLLM's own).
 """
 from __future__ import annotations
 
-import logging
 import os
 
-log = logging.getLogger("vllm.wrag")
+from .config import parse_bool
 
 
 def register() -> None:
-    if os.environ.get("WRAG_ENABLED", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not parse_bool(os.environ.get("WRAG_ENABLED", "1") or "1"):
         return
-    from . import vllm_hooks
+    from .hooks import install
 
-    vllm_hooks.install()
+    install()

@@ -20,70 +20,71 @@ files written by the engine core (from the store on disk).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 
 import torch
+from wrag_kernels import DeltaMeta
 
-from .preparer import SlotRef, slots_from_json
-from .xargs import SLOTS_KEY
+from ..lru import ByteLRU
+from ..shard import load_shard
+from .config import WragConfig
+from .metrics import EngineStats
+from .plan import SLOTS_KEY, SlotRef, slots_from_json
+from .rundir import ENV as RUN_DIR_ENV
 
 log = logging.getLogger("vllm.wrag")
+_WORKER_POOL: "ShardPool | None" = None   # one per worker process
 
 
-def delta_api():
-    """(DeltaMeta, apply_delta) from wrag_kernels (the kernels package)."""
-    from wrag_kernels import DeltaMeta, apply_delta  # torch ops on CPU, Triton on CUDA
-    return DeltaMeta, apply_delta
+def worker_pool() -> "ShardPool | None":
+    return _WORKER_POOL
+
+
+def open_worker_pool(cfg: WragConfig, max_tokens: int, max_seqs: int) -> "ShardPool":
+    """This worker's pool, made by the first WRAG layer built (the others join it)."""
+    global _WORKER_POOL
+    if _WORKER_POOL is None:
+        _WORKER_POOL = ShardPool(slots=cfg.slots, max_rank=cfg.max_rank, k_max=cfg.k_max,
+                                 max_tokens=int(max_tokens), max_seqs=int(max_seqs),
+                                 host_cache_bytes=cfg.host_cache_mb << 20, run_dir=os.environ.get(RUN_DIR_ENV),
+                                 device=torch.get_default_device())
+        log.info("WRAG: shard pool with %d slots of rank %d per FFN layer", cfg.slots, cfg.max_rank)
+    return _WORKER_POOL
 
 
 class ShardPool:
     """One per worker process. Layers register at construction; the runner hook calls `step`."""
 
     def __init__(self, slots: int, max_rank: int, k_max: int, max_tokens: int, max_seqs: int,
-                 host_cache_bytes: int, run_dir: str | None, device, dtype):
-        DeltaMeta, apply_delta = delta_api()
-        self.apply_fn = apply_delta  # apply_delta(y, x, a_pool, b_pool, slot_ranks, meta), in place on y
+                 host_cache_bytes: int, run_dir: str | None, device):
         self.S, self.R, self.k_max = slots, max_rank, k_max
-        self.max_seqs = max_seqs
         self.run_dir = run_dir
-        self.device, self.dtype = device, dtype
+        self.device = device
         self.meta = DeltaMeta(max_tokens, max_seqs, k_max, device)
         self.layers: list = []                 # WRAG linear modules, in construction order
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # payload key -> slot (LRU order)
         self.free = list(range(slots))
-        self.host: OrderedDict[str, tuple[object, int]] = OrderedDict()
-        self.host_bytes, self.host_max = 0, host_cache_bytes
+        self.host = ByteLRU(host_cache_bytes)  # payload key -> loaded Shard
         self.evictions = 0
         self.loads = 0
         self.failures = 0                      # payloads that could not be loaded (see step)
         self._plans: dict[str, list[SlotRef]] = {}   # req_id -> slots (parsed once)
         self.seq_slots = torch.full((max_seqs, k_max), -1, dtype=torch.int32)
         self.seq_weights = torch.zeros((max_seqs, k_max), dtype=torch.float32)
-        self.active = False                          # any slot used in the last step
         self.lock = threading.Lock()
-        self.stats = None
-        if run_dir:
-            from .metrics import EngineStats
-            self.stats = EngineStats(run_dir, "worker")
+        self.stats = EngineStats(run_dir, "worker") if run_dir else None
 
     def register(self, layer) -> None:
         self.layers.append(layer)
 
     # ------------------------------------------------------------------ payloads
     def _payload(self, ref: SlotRef):
-        hit = self.host.get(ref.key)
-        if hit is not None:
-            self.host.move_to_end(ref.key)
-            return hit[0]
-        from ..shard import load_shard
-        shard = load_shard(ref.path)
-        nb = shard.nbytes()
-        self.host[ref.key] = (shard, nb)
-        self.host_bytes += nb
-        while self.host_bytes > self.host_max and len(self.host) > 1:
-            _, (_, b) = self.host.popitem(last=False)
-            self.host_bytes -= b
+        shard = self.host.get(ref.key)
+        if shard is None:
+            shard = load_shard(ref.path)
+            self.host.put(ref.key, shard, shard.nbytes())
         return shard
 
     def _load_into(self, slot: int, shard) -> None:
@@ -157,7 +158,6 @@ class ShardPool:
                     for j, r in enumerate(refs):
                         self.seq_slots[i, j] = self.slot_of[r.key]
                         self.seq_weights[i, j] = r.weight
-            self.active = bool(pinned)
             if self.stats is not None and self.stats.c["pool_loads"] != self.loads:
                 self.stats.c.update(pool_evictions=self.evictions, pool_loads=self.loads)
                 self.stats.flush(force=True)

@@ -19,41 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..compose import CompositionCache
+from ..lru import ByteLRU
 from .config import WragConfig
-from .resolver import Plan
-
-log = logging.getLogger("vllm.wrag")
-
-
-@dataclass(frozen=True)
-class SlotRef:
-    key: str       # content key: identical payload ⇔ identical key
-    weight: float  # per-token weight the kernel applies
-    path: str      # payload shard file (inside the run directory)
-
-    def to_list(self) -> list:
-        return [self.key, self.weight, self.path]
-
-
-def slots_to_json(slots: list[SlotRef]) -> str:
-    return json.dumps([s.to_list() for s in slots], separators=(",", ":"))
-
-
-def slots_from_json(s: str, run_dir: str | None = None) -> list[SlotRef]:
-    out = []
-    for key, w, path in json.loads(s):
-        if run_dir is not None and not os.path.realpath(path).startswith(os.path.realpath(run_dir) + os.sep):
-            raise ValueError(f"slot payload {path!r} is outside the WRAG run directory")
-        out.append(SlotRef(str(key), float(w), str(path)))
-    return out
+from .plan import Plan, SlotRef
+from .resolver import Resolver
 
 
 def _digest(*parts) -> str:
@@ -64,40 +39,10 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:24]
 
 
-class _LRU:
-    """Byte-budgeted LRU of (value, nbytes)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.d: OrderedDict = OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, k):
-        if k in self.d:
-            self.d.move_to_end(k)
-            self.hits += 1
-            return self.d[k][0]
-        self.misses += 1
-        return None
-
-    def put(self, k, v, nbytes: int):
-        if k in self.d:
-            self.bytes -= self.d.pop(k)[1]
-        self.d[k] = (v, nbytes)
-        self.bytes += nbytes
-        while self.bytes > self.max_bytes and len(self.d) > 1:
-            _, (_, nb) = self.d.popitem(last=False)
-            self.bytes -= nb
-
-
 class Preparer:
     """Thread-safe. prepare(plan) -> list[SlotRef] (empty for a base-model request)."""
 
-    def __init__(self, cfg: WragConfig, run_dir: str | os.PathLike, resolver=None, stats=None):
-        from .resolver import Resolver
-
+    def __init__(self, cfg: WragConfig, run_dir: str | os.PathLike, resolver: Resolver | None = None, stats=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.slot_dir = self.run_dir / "slots"
@@ -106,12 +51,8 @@ class Preparer:
         self.stats = stats
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
-        self._shards = _LRU(cfg.host_cache_mb << 20)  # content key -> Shard
-        self._compositions = self._make_composition_cache()
-
-    def _make_composition_cache(self):
-        from ..compose import CompositionCache
-        return CompositionCache(max_bytes=self.cfg.composition_cache_mb << 20)
+        self._shards = ByteLRU(cfg.host_cache_mb << 20)  # content key -> Shard (under the resolver's lock)
+        self._compositions = CompositionCache(max_bytes=cfg.composition_cache_mb << 20)
 
     # ------------------------------------------------------------------ helpers
     def _key_lock(self, key: str) -> threading.Lock:
@@ -124,17 +65,14 @@ class Preparer:
 
     def _load(self, shard_id: str):
         """(content key, Shard) from the store, freshly refreshed (removals are seen here)."""
-        r = self.resolver
-        with r._lock:
-            store = r.store
-            store.refresh()
-            meta = store.get_meta(shard_id)
-            key = self._shard_key(shard_id, meta)
+        def load(store):
+            key = self._shard_key(shard_id, store.get_meta(shard_id))
             shard = self._shards.get(key)
             if shard is None:
                 shard = store.load(shard_id)
                 self._shards.put(key, shard, shard.nbytes())
-        return key, shard
+            return key, shard
+        return self.resolver.with_store(load)
 
     def _write(self, key: str, shard) -> str:
         path = self.slot_dir / f"{key}.safetensors"

@@ -6,84 +6,22 @@ Retrieved shards (cosine scores c_1 ≥ … ≥ c_k from ShardStore.search, kept
 
 Explicit shards (wrag_shards) take wrag_weights as given, else equal weights 1/k.
 
-A Plan is what travels with the request (sealed JSON in SamplingParams.extra_args["wrag_plan"],
-see seal.py): the engine core turns it into slot payloads (scheduler + preparer), the workers
-apply them.
+The Plan (plan.py) travels with the request to the engine core, which turns it into slot
+payloads (admission.py + preparer.py).
 
 Retrieval cost is bounded per request: only the last `query_max_tokens` (≈ 4 characters each) of
 the query text are embedded, whatever the prompt's length.
 """
 from __future__ import annotations
 
-import json
 import math
 import threading
-import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
 
+from ..store import ShardStore
 from .config import WragConfig
-from .seal import seal, unseal
-from .xargs import RequestControls, RequestError, check_method_params
-
-PLAN_VERSION = 1
-
-
-@dataclass
-class Plan:
-    ids: list[str] = field(default_factory=list)
-    weights: list[float] = field(default_factory=list)
-    method: str = "svd-centered"
-    params: dict = field(default_factory=dict)
-    scores: list[float] = field(default_factory=list)   # retrieval scores (empty for explicit)
-    source: str = "none"                                 # explicit | retrieved | off | none
-    generation: int = -1                                 # store generation the plan was made at
-
-    @property
-    def empty(self) -> bool:
-        return not self.ids
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["v"] = PLAN_VERSION
-        return json.dumps(d, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, s: str) -> "Plan":
-        d = json.loads(s)
-        if not isinstance(d, dict) or d.pop("v", None) != PLAN_VERSION:
-            raise ValueError("not a WRAG plan of this version")
-        p = cls(**d)
-        if len(p.ids) != len(p.weights):
-            raise ValueError("plan ids and weights differ in length")
-        return p
-
-    def sealed(self) -> str:
-        """The form that travels in extra_args: only this server can make it (seal.py)."""
-        return seal(self.to_json())
-
-    @classmethod
-    def from_sealed(cls, s) -> "Plan":
-        """ValueError unless `s` is a plan sealed by this server."""
-        return cls.from_json(unseal(s))
-
-    def header(self) -> str:
-        """Compact form for the x-wrag-shards response header: id=weight,... or '-'."""
-        if self.empty:
-            return "-"
-        return ",".join(f"{i}={w:.4g}" for i, w in zip(self.ids, self.weights))
-
-    def scores_header(self) -> str:
-        """x-wrag-scores: id=cosine,... for retrieved shards, '-' when none were retrieved."""
-        if self.empty or not self.scores:
-            return "-"
-        return ",".join(f"{i}={s:.4f}" for i, s in zip(self.ids, self.scores))
-
-    def summary(self) -> dict:
-        return {"shards": [{"id": i, "weight": w, **({"score": s} if self.scores else {})}
-                           for i, w, s in zip(self.ids, self.weights, self.scores or [None] * len(self.ids))],
-                "method": self.method, "source": self.source}
-
+from .controls import RequestControls, RequestError, check_method_params
+from .plan import Plan
 
 def query_tail(text: str, max_tokens: int) -> str:
     """The end of `text`, about `max_tokens` tokens long (4 characters per token), cut at a space."""
@@ -142,7 +80,7 @@ class EmbedBatcher:
 class Resolver:
     """Thread-safe: every store call runs under one lock (the store is not assumed thread-safe)."""
 
-    def __init__(self, cfg: WragConfig, store=None):
+    def __init__(self, cfg: WragConfig, store: ShardStore | None = None):
         self.cfg = cfg
         self._store = store
         self._lock = threading.RLock()
@@ -152,13 +90,8 @@ class Resolver:
     def store(self):
         with self._lock:
             if self._store is None:
-                from ..store import ShardStore
                 self._store = ShardStore(self.cfg.store)
             return self._store
-
-    def refresh(self) -> None:
-        with self._lock:
-            self.store.refresh()
 
     def with_store(self, fn):
         """fn(store) under the resolver's lock, after picking up other processes' changes."""
@@ -182,7 +115,7 @@ class Resolver:
         with self._lock:
             store = self.store
             store.refresh()  # hot updates: see shards added/removed by other processes
-            gen = getattr(store, "generation", -1)
+            gen = store.generation
             if c.explicit:
                 ids = list(c.shards)
                 metas = []
@@ -192,17 +125,15 @@ class Resolver:
                     except Exception:
                         raise RequestError(f"wrag_shards: unknown shard id {i!r}", "wrag_shards") from None
                 weights = list(c.weights) if c.weights is not None else [1.0 / len(ids)] * len(ids) if ids else []
-                self._check_ranks(ids, metas, method, explicit=True)
+                self._check_ranks(ids, metas, method)
                 return Plan(ids, weights, method, params, [], "explicit" if ids else "off", gen)
             if not text:
                 return Plan(method=method, params=params, source="none", generation=gen)
             k = c.top_k or cfg.top_k
             thr = cfg.threshold if c.threshold is None else c.threshold
-            t0 = time.perf_counter()
         vec = self._batcher.embed(store, query_tail(text, cfg.query_max_tokens))  # outside the lock: concurrent requests share one call
         with self._lock:
             hits = [(i, float(s)) for i, s in store.search_vector(vec, k=k) if float(s) >= thr]
-            self.last_search_s = time.perf_counter() - t0
             if not hits:
                 return Plan(method=method, params=params, source="none", generation=gen)
             metas = [store.get_meta(i) for i, _ in hits]
@@ -215,7 +146,7 @@ class Resolver:
     def _rank(self, meta: dict) -> int:
         return int(meta.get("rank", 0) or 0)
 
-    def _check_ranks(self, ids, metas, method, explicit: bool) -> None:
+    def _check_ranks(self, ids, metas, method) -> None:
         R = self.cfg.max_rank
         ranks = [self._rank(m) for m in metas]
         if self.composite_needed(method, len(ids)):

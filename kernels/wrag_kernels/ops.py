@@ -1,0 +1,125 @@
+"""The custom op `torch.ops.wrag.apply_delta` and its backends.
+
+Semantics, per token t of a mixed batch and slice i of the projection:
+    y_t[i] += Σ_{j<K} w_{t,j} · B[i, s(t,j)] · (A[i, s(t,j)] · x_t)        s = −1 → nothing
+The backend is the one DeltaMeta chose at construction: "triton" (CUDA; SGMV for prefill, BGMV
+for decode) or "torch" (the CPU plan of cpu.py). The op is opaque to torch.compile (its fake
+gives no outputs: it mutates y in place), and every metadata input is a fixed-size buffer of
+DeltaMeta, so compiled graphs and CUDA graphs see new metadata through in-place updates without
+retracing. Host-side decisions (early exit when no token has a slot, SGMV vs BGMV, validation)
+read `host_info`, a CPU tensor, so they never sync with the device. Under CUDA-graph capture those
+host decisions are frozen at capture time (as in vLLM's LoRA ops, which use a CPU no-LoRA flag the
+same way): capture with an active batch of the layout you replay.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cpu import delta_cpu
+from .meta import INFO_ACTIVE, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_TOKENS, DeltaMeta, MetaArgs
+
+
+def _check(y, x, a_pool, b_pool, slot_ranks, max_tokens: int, info: list[int]) -> None:
+    """Host-side validation from shapes and host_info only (no device reads)."""
+    if x.dim() != 2 or y.dim() != 2 or a_pool.dim() != 4 or b_pool.dim() != 4:
+        raise ValueError("expected y (T, n_slices*d_out), x (T, d_in), a_pool (n, S, R, d_in), b_pool (n, S, d_out, R)")
+    n_slices, S, R, d_in = a_pool.shape
+    if tuple(b_pool.shape) != (n_slices, S, b_pool.shape[2], R):
+        raise ValueError(f"b_pool {tuple(b_pool.shape)} does not match a_pool {tuple(a_pool.shape)}")
+    T = x.shape[0]
+    if x.shape[1] != d_in or tuple(y.shape) != (T, n_slices * b_pool.shape[2]):
+        raise ValueError(f"shapes y {tuple(y.shape)}, x {tuple(x.shape)} do not match the pools")
+    if slot_ranks.shape != (S,):
+        raise ValueError(f"slot_ranks must have shape ({S},)")
+    if not (x.dtype == y.dtype == a_pool.dtype == b_pool.dtype):
+        raise ValueError("y, x, a_pool and b_pool must share one dtype")
+    if T > max_tokens or T < info[INFO_TOKENS]:
+        raise ValueError(f"batch has {T} rows but DeltaMeta holds {info[INFO_TOKENS]} tokens "
+                         f"(max_tokens={max_tokens})")
+    if info[INFO_MAX_SLOT] >= S:
+        raise ValueError(f"slot {info[INFO_MAX_SLOT]} is outside the pool of {S} slots")
+
+
+def _apply_delta_impl(
+    y: torch.Tensor,              # (T, n_slices*d_out), updated in place
+    x: torch.Tensor,              # (T, d_in)
+    a_pool: torch.Tensor,         # (n_slices, S, R, d_in)
+    b_pool: torch.Tensor,         # (n_slices, S, d_out, R)
+    slot_ranks: torch.Tensor,     # (S,) int32
+    backend: str,                 # "torch" | "triton" (DeltaMeta.backend)
+    *meta_args: torch.Tensor,     # MetaArgs (meta.py), in order
+) -> None:
+    m = MetaArgs(*meta_args)
+    info = m.host_info.tolist()
+    _check(y, x, a_pool, b_pool, slot_ranks, m.token_slots.shape[0], info)
+    if not info[INFO_ACTIVE] or x.shape[0] == 0:
+        return                                      # early exit: no token has a slot
+    if backend == "torch":
+        delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.pair_tok, m.pair_w, m.plan, m.cplan, m.cslots,
+                  m.cweights, m.ctok, m.cpu_info)
+        return
+    decode = info[INFO_MAX_SEQ_LEN] <= 1
+    h = _shrink_triton(x, a_pool, slot_ranks, m, decode)
+    _expand_triton(y, h, b_pool, slot_ranks, m, decode)
+
+
+def _apply_delta_fake(*args) -> None:
+    return None
+
+
+# Registered like vLLM's direct_register_custom_op (Library.define + impl per dispatch key), not with
+# torch.library.custom_op, whose Python wrapper layers cost more per call (docs/decisions.md). The
+# schema spells MetaArgs' fields once, from the NamedTuple.
+_SCHEMA = ("(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor slot_ranks, str backend, "
+           + ", ".join(f"Tensor {f}" for f in MetaArgs._fields) + ") -> ()")
+_LIB = torch.library.Library("wrag", "FRAGMENT")
+_LIB.define("apply_delta" + _SCHEMA)
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("apply_delta", _apply_delta_impl, _key)
+torch.library.register_fake("wrag::apply_delta", _apply_delta_fake, lib=_LIB)
+
+
+def _triton_interpreting() -> bool:
+    from . import triton_shrink
+    return type(triton_shrink._sgmv_shrink_kernel).__name__ == "InterpretedFunction"
+
+
+def _shrink_triton(x, a_pool, slot_ranks, m: MetaArgs, decode: bool) -> torch.Tensor:
+    """H (n_slices, T, K, R) fp32 = A·x per entry; rows ≥ r_s and slot −1 entries unset."""
+    from . import triton_shrink
+    n_slices, _, R, _ = a_pool.shape
+    if n_slices not in (1, 2):
+        raise ValueError("the Triton path supports n_slices 1 (down) or 2 (gate_up)")
+    h = torch.empty((n_slices, x.shape[0], m.seq_slots.shape[1], R), dtype=torch.float32, device=x.device)
+    if decode:
+        triton_shrink.bgmv_shrink(x, a_pool, h, m.token_slots, slot_ranks)
+    else:
+        triton_shrink.sgmv_shrink(x, a_pool, h, m.seq_start, m.seq_slots, slot_ranks,
+                                  interpret=_triton_interpreting())
+    return h
+
+
+def _expand_triton(y, h, b_pool, slot_ranks, m: MetaArgs, decode: bool) -> None:
+    """y += Σ_j w_j B_j H_j, fp32 accumulation, in place."""
+    from . import triton_expand
+    if decode:
+        triton_expand.bgmv_expand(h, b_pool, y, m.token_slots, m.token_weights, slot_ranks)
+    else:
+        triton_expand.sgmv_expand(h, b_pool, y, m.seq_start, m.seq_slots, m.seq_weights, slot_ranks,
+                                  interpret=_triton_interpreting())
+
+
+def apply_delta(
+    y: torch.Tensor,           # (T, n_slices*d_out), updated in place
+    x: torch.Tensor,           # (T, d_in)
+    a_pool: torch.Tensor,      # (n_slices, S, R, d_in)
+    b_pool: torch.Tensor,      # (n_slices, S, d_out, R)
+    slot_ranks: torch.Tensor,  # (S,) int32
+    meta: DeltaMeta,
+) -> None:
+    """y += Σ_j w_j · B_j · (A_j · x) per token, in place, on meta's backend.
+
+    Under torch.compile this goes through torch.ops.wrag.apply_delta (opaque, fake impl); in eager
+    mode the implementation is called directly, skipping the dispatcher's Python layers."""
+    op = _apply_delta_impl if not torch.compiler.is_compiling() else torch.ops.wrag.apply_delta
+    op(y, x, a_pool, b_pool, slot_ranks, meta.backend, *meta.meta_args())

@@ -1,0 +1,270 @@
+"""`vllm.endpoint_plugins` entry point: the WRAG front end inside vLLM's API server.
+
+vLLM 0.32 loads an endpoint plugin only when it is named in VLLM_PLUGINS (e.g. VLLM_PLUGINS=wrag);
+the entry point is a zero-argument factory returning an object with `name`, `required_tasks`,
+`attach_router(app)` and `async init_state(engine_client, state, args)`
+(vllm.plugins.endpoint_plugins.interface.EndpointPlugin).
+
+Request path (every vLLM route that builds an engine request from client `vllm_xargs`, listed in
+ROUTES; tests/test_security_serving.py checks the list against the server's own routes):
+    ASGI middleware reads the JSON body → validates `vllm_xargs` wrag_* (HTTP 400 on error; the
+    server's own keys wrag_plan / wrag_slots are refused) → retrieval in a worker thread (query =
+    completion prompt, the chat's or Anthropic messages' last user turn, the responses input) →
+    writes the resolved Plan, sealed (seal.py), into vllm_xargs["wrag_plan"] → vLLM builds the
+    request (extra_args carry the plan to the engine) → the response carries
+    `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=cosine,...`, `x-wrag-method`,
+    `x-wrag-source` (explicit | retrieved | off | none, or failed when the request failed);
+    every request is logged with its plan.
+Routes where WRAG does not retrieve (token-in generate, render, audio) refuse wrag_* controls
+with a 400.
+Generate routes outside /v1 (SageMaker's /invocations, the token-in /inference/v1/generate),
+which vLLM's own --api-key check does not cover, need the key too on a WRAG server.
+
+The admin routes are in admin.py; the hand-offs (Plan, keys) in plan.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .asgi import error_body, parse_form, replay, respond
+from .config import WragConfig
+from .controls import RequestControls, RequestError, parse_controls
+from .plan import PLAN_KEY, wrag_keys
+from .resolver import Resolver
+
+log = logging.getLogger("vllm.wrag")
+# path -> how the front end treats it: "chat" / "completion" / "responses" / "messages" (retrieve
+# from that body form), "invocations" (SageMaker: chat if the body has messages, else completion),
+# "refuse" (no retrieval here: wrag_* controls get a 400)
+ROUTES = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses",
+    "/v1/messages": "messages", "/invocations": "invocations",
+    "/inference/v1/generate": "refuse", "/v1/audio/transcriptions": "refuse",
+    "/v1/audio/translations": "refuse",
+    # render routes return the engine request a token-in client would send: no WRAG controls there
+    "/v1/chat/completions/render": "refuse", "/v1/completions/render": "refuse",
+    "/v1/responses/render": "refuse", "/v1/messages/render": "refuse",
+}
+KEYED_OUTSIDE_V1 = ("/invocations", "/inference/v1/generate")
+
+
+def query_text(kind: str, body: dict) -> str | None:
+    """Completions: the prompt (first one of a batch). Chat and messages: the last user turn.
+    Responses: input."""
+    def content_text(c):
+        if isinstance(c, str):
+            return c
+        if isinstance(c, list):
+            return "\n".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") in
+                             ("text", "input_text") and isinstance(p.get("text"), str)) or None
+        return None
+
+    if kind in ("chat", "messages"):
+        msgs = body.get("messages")
+        for m in reversed(msgs if isinstance(msgs, list) else []):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return content_text(m.get("content"))
+        return None
+    if kind == "completion":
+        p = body.get("prompt")
+        if isinstance(p, str):
+            return p
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            return p[0]
+        return None
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return inp
+    if isinstance(inp, list):
+        for m in reversed(inp):
+            if isinstance(m, dict) and m.get("role") == "user":
+                return content_text(m.get("content"))
+    return None
+
+
+def _kind(route: str, body: dict) -> str:
+    kind = ROUTES[route]
+    if kind == "invocations":  # vLLM tries the chat request type first, then completion
+        return "chat" if "messages" in body else "completion"
+    return kind
+
+
+class WragEndpoint:
+    name = "wrag"
+    required_tasks = ("generate",)
+
+    def __init__(self):
+        self.cfg: WragConfig | None = None
+        self.resolver: Resolver | None = None
+        # Threads mostly wait on the embedding batch led by one of them (resolver.EmbedBatcher).
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="wrag-retrieve")
+        self.tokens: list[str] = []
+        self.metrics = None
+
+    # ------------------------------------------------------------------ EndpointPlugin
+    def attach_router(self, app) -> None:
+        from .admin import Admin
+        from .chat_page import chat_router  # the chat page, GET /wrag/chat (static files in the package)
+
+        self.admin = Admin(self)
+        app.include_router(self.admin.router())
+        app.include_router(chat_router())
+        app.add_middleware(WragMiddleware, plugin=self)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        import vllm.envs as envs
+        from .metrics import front_metrics
+
+        self.cfg = WragConfig.from_sources(getattr(args, "additional_config", None) or {})
+        # The API server process runs no model; its only torch work is the query embedding. One
+        # intra-op thread keeps it at ~20 ms instead of 100-1000 ms when it competes with the
+        # engine's threads for the same cores.
+        import torch
+        torch.set_num_threads(1)
+        self.resolver = Resolver(self.cfg)
+        self.tokens = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
+        self.metrics = front_metrics()
+        if self.cfg.admin_writes and not self.tokens:
+            log.error("WRAG: admin_writes is set but the server has no --api-key: admin writes stay off")
+        if self.cfg.enabled:
+            await asyncio.get_running_loop().run_in_executor(self.executor, lambda: self.resolver.store)
+            log.info("WRAG: front end ready (top_k %d, method %s, admin writes %s)", self.cfg.top_k,
+                     self.cfg.method, "on" if self.cfg.admin_writes and self.tokens else "off")
+
+    @property
+    def active(self) -> bool:
+        return self.cfg is not None and self.cfg.enabled
+
+    async def run(self, fn, *a):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *a)
+
+    # ------------------------------------------------------------------ per request
+    async def plan_for(self, kind: str, body: dict):
+        """(new body, plan) or raises RequestError."""
+        xargs = body.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
+        xargs = dict(xargs or {})
+        controls: RequestControls = parse_controls(xargs, self.cfg)
+        text = None if (controls.explicit or controls.off) else query_text(kind, body)
+        t0 = time.perf_counter()
+        plan = await self.run(self.resolver.resolve, text, controls)
+        if plan.source == "retrieved" or text is not None:
+            self.metrics.retrieval.observe(time.perf_counter() - t0)
+        xargs[PLAN_KEY] = plan.sealed()
+        body["vllm_xargs"] = xargs
+        return body, plan
+
+
+def _refused_controls(body, form_xargs=None) -> list[str]:
+    """wrag_* keys a request sends on a route where WRAG does not retrieve."""
+    if form_xargs is not None:
+        try:
+            xargs = json.loads(form_xargs) if isinstance(form_xargs, str) else None
+        except (ValueError, RecursionError):
+            xargs = None
+        return wrag_keys(xargs if isinstance(xargs, dict) else {}) or (["wrag_*"] if "wrag_" in str(form_xargs) else [])
+    if not isinstance(body, dict):
+        return []
+    sp = body.get("sampling_params")
+    extra = sp.get("extra_args") if isinstance(sp, dict) else None
+    return wrag_keys(body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}) + \
+        wrag_keys(extra if isinstance(extra, dict) else {})
+
+
+class WragMiddleware:
+    """Pure ASGI (streams untouched): rewrites the body of generate requests, adds headers."""
+
+    def __init__(self, app, plugin: WragEndpoint):
+        self.app = app
+        self.plugin = plugin
+
+    async def __call__(self, scope, receive, send):
+        route = scope["path"].removeprefix(scope.get("root_path", "")) if scope["type"] == "http" else ""
+        if scope.get("method") != "POST" or not self.plugin.active or route not in ROUTES:
+            return await self.app(scope, receive, send)
+        if route in KEYED_OUTSIDE_V1 and self.plugin.tokens:
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+            from starlette.datastructures import Headers
+
+            if not AuthenticationMiddleware(None, self.plugin.tokens).verify_token(Headers(scope=scope)):
+                return await respond(send, 401, error_body("Unauthorized", None, 401))
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        raw = b"".join(chunks)
+        ctype = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype == b"multipart/form-data":
+            body, form_xargs = None, await self._form_xargs(scope, raw)
+        else:
+            form_xargs = None
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                body = None
+            except RecursionError:
+                return await respond(send, 400, error_body("the body nests JSON too deeply", None))
+        plan = None
+        if ROUTES[route] == "refuse":
+            bad = _refused_controls(body, form_xargs)
+            if bad:
+                return await self._refuse(send, RequestError(
+                    f"WRAG controls ({', '.join(bad)}) are not available on {route}: use /v1/completions or "
+                    f"/v1/chat/completions", bad[0]))
+        elif isinstance(body, dict):
+            try:
+                body, plan = await self.plugin.plan_for(_kind(route, body), body)
+                raw = json.dumps(body).encode()
+            except RequestError as e:
+                return await self._refuse(send, e)
+            except Exception as e:  # store/embedder failure: a server error, said plainly
+                log.exception("WRAG: retrieval failed")
+                return await respond(send, 500, error_body(f"WRAG retrieval failed: {e}", None, 500))
+            self.plugin.metrics.requests.labels(plan.source).inc()
+            self.plugin.metrics.shards.observe(len(plan.ids))
+            log.info("WRAG: %s -> shards %s method %s (%s)", route, plan.header(), plan.method, plan.source)
+
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(raw)).encode()))
+        scope = dict(scope, headers=headers)
+
+        async def send_with_headers(msg):
+            if msg["type"] == "http.response.start" and plan is not None:
+                failed = msg.get("status", 200) >= 500  # the engine refused or failed the request
+                h = list(msg.get("headers", []))
+                h += [(b"x-wrag-shards", b"-" if failed else plan.header().encode()),
+                      (b"x-wrag-method", plan.method.encode()),
+                      (b"x-wrag-source", b"failed" if failed else plan.source.encode()),
+                      (b"x-wrag-scores", plan.scores_header().encode())]
+                msg = dict(msg, headers=h)
+            await send(msg)
+
+        await self.app(scope, replay(raw, receive), send_with_headers)
+
+    async def _refuse(self, send, e: RequestError):
+        self.plugin.metrics.rejected.inc()
+        log.info("WRAG: request refused: %s", e)
+        return await respond(send, 400, error_body(str(e), e.param))
+
+    @staticmethod
+    async def _form_xargs(scope, raw: bytes):
+        """The vllm_xargs field of a multipart form body (a JSON string), or None."""
+        try:
+            form = await parse_form(scope, raw)
+        except Exception:  # noqa: BLE001 - a malformed form: vLLM answers it
+            return None
+        v = form.get("vllm_xargs")
+        return v if isinstance(v, str) else None
+
+
+def register_routes() -> WragEndpoint:
+    """Entry point (vllm.endpoint_plugins: wrag): a zero-argument factory, as vLLM expects."""
+    return WragEndpoint()

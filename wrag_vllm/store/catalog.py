@@ -1,0 +1,133 @@
+"""The catalog: the store's source of truth, and the interface ShardStore reads and writes it through.
+
+The catalog holds one row per shard (its metadata and its embedding) and the store's own facts:
+the base model it is bound to, the embedder that made its vectors, an epoch and a generation.
+
+- Each row has a `fid`, the shard's id in the FAISS index. fids are never reused and are assigned
+  in commit order, so the rows committed after a reader last looked all have fids above the
+  largest it knows: an index catches up by a diff (index.py).
+- The generation counts the commits that change the rows; `generation()` is what a reader polls.
+- The epoch changes when every vector is replaced (reindex): an index of another epoch is rebuilt.
+
+Every write runs under `write_lock()`, which excludes the writers of all processes, and is one
+transaction that bumps the generation, so a reader sees a write entirely or not at all.
+SqliteCatalog (sqlite_catalog.py) implements the interface; another database plugs in as
+another subclass of Catalog.
+"""
+from __future__ import annotations
+
+import abc
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..embed import Embedder
+from ..fingerprint import BaseFingerprint
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the catalog records about one shard, besides its embedding."""
+    id: str
+    file: str  # the shard's file in the store's shards/ folder
+    name: str
+    description: str
+    samples: list[str]
+    rank: int
+    targets: list[str]  # module names
+    layers: list[int]
+    bytes: int  # file size
+    provenance: dict
+    allow_attention: bool
+    embed_source: str  # description | samples | description+samples | given
+
+
+@dataclass(frozen=True)
+class Row(Entry):
+    """An entry as stored: with the fid and the time the catalog gave it."""
+    fid: int
+    added_at: str  # ISO 8601 UTC
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """The store's own facts, as of one read."""
+    generation: int
+    epoch: str
+    embedder_name: str
+    embedder_dim: int
+    base: BaseFingerprint | None
+
+
+class Catalog(abc.ABC):
+    """Rows, embeddings, base, embedder, generation; one write at a time across processes."""
+
+    # ------------------------------------------------------------------ locks
+    @abc.abstractmethod
+    def write_lock(self, wait: bool = True) -> AbstractContextManager[bool]:
+        """Exclusive across threads and processes while held; yields whether it is held (always
+        when wait). Every write method below is called under it."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractContextManager[None]:
+        """The reads inside the block see one state of the catalog."""
+
+    # ------------------------------------------------------------------ reads
+    @abc.abstractmethod
+    def state(self) -> CatalogState: ...
+
+    @abc.abstractmethod
+    def generation(self) -> int:
+        """The current generation; cheap when nothing was committed since the last call."""
+
+    @abc.abstractmethod
+    def rows(self, ids: Sequence[str] | None = None) -> list[Row]:
+        """All rows, oldest first, or the rows of those of `ids` that the catalog holds."""
+
+    @abc.abstractmethod
+    def ids(self, after: int = 0) -> dict[int, str]:
+        """fid -> shard id of the rows with fid > after."""
+
+    @abc.abstractmethod
+    def count(self) -> int: ...
+
+    @abc.abstractmethod
+    def vectors(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The embeddings of rows `fids`: (vectors (n, dim) float32, their fids (n,) int64)."""
+
+    @abc.abstractmethod
+    def files(self) -> set[str]:
+        """The file names of all rows."""
+
+    @abc.abstractmethod
+    def bad_embeddings(self, dim: int) -> list[tuple[str, int]]:
+        """(shard id, size in bytes) of the rows whose embedding is not `dim` float32 values."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the catalog takes on disk."""
+
+    # ------------------------------------------------------------------ writes (under write_lock)
+    @abc.abstractmethod
+    def set_base(self, base: BaseFingerprint) -> None:
+        """Record `base` as the store's base model (the generation stays)."""
+
+    @abc.abstractmethod
+    def add(self, entries: Sequence[Entry], vecs: np.ndarray, replace: Sequence[str],
+            base: BaseFingerprint | None) -> tuple[int, list[int]]:
+        """One transaction: delete the rows of ids `replace`, insert `entries` with their vectors
+        (n, dim), record `base` unless None. Returns (new generation, the new rows' fids)."""
+
+    @abc.abstractmethod
+    def remove(self, fid: int) -> int:
+        """Delete row `fid`. Returns the new generation."""
+
+    @abc.abstractmethod
+    def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, str]]) -> int:
+        """Replace every row's embedding and embed_source by `updates` (fid, vector, source), record
+        `embedder`, start a new epoch. Returns the new generation."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

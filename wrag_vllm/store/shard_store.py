@@ -1,0 +1,432 @@
+"""ShardStore: shards for one base model, searchable by text; a library, no server.
+
+A store folder holds
+    catalog.sqlite  the catalog (sqlite_catalog.py): every shard's metadata and embedding, the
+                    base model, the embedder, the generation. The source of truth.
+    shards/         one safetensors file per shard (files.py)
+    index.faiss     a cache of the FAISS index of the embeddings (index.py)
+    .lock           what the writers of all processes serialise on
+ShardStore composes them and keeps them consistent.
+
+Crash safety: a SIGKILL at any instant leaves a consistent store. A write runs under the
+catalog's write lock and
+    1. writes each new shard file (atomically) and fsyncs the folder;
+    2. commits ONE catalog transaction: rows in, replaced rows out, generation + 1. The commit is
+       the moment the write happens;
+    3. deletes the files of the replaced or removed rows, and updates the in-memory index.
+A kill before 2 commits leaves only files no row names, which the next opener deletes (under the
+write lock, so never a file a live writer is about to commit); a kill after 2 leaves, at worst,
+such files too. The index file may lag the catalog by any number of commits: the opener diffs it.
+
+Readers in other processes call `refresh()`; when nothing was committed it costs one cheap query.
+
+Locks: `_mu` guards the in-memory index and what `_sync` sets. It is taken after the write lock,
+never before: writing the index file takes the write lock, without `_mu`.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..embed import Embedder, get_embedder, normalize_rows
+from ..errors import StoreError, WragError
+from ..fingerprint import BaseFingerprint
+from ..shard import Shard, id_problem, load_shard
+from .catalog import Catalog, Entry, Row
+from .crash import crash_point
+from .embedding import embed_source, given_embeddings, shard_embeddings
+from .files import SHARDS, ShardFiles
+from .index import INDEX, IndexCache
+from .location import default_store_path, store_location
+from .sqlite_catalog import SqliteCatalog
+
+
+class ShardStore:
+    """Shards for one base model, searchable by text. Safe across threads and processes."""
+
+    def __init__(self, root: str | os.PathLike | None = None, embedder: Embedder | None = None,
+                 create: bool = True):
+        self.root = store_location(root) if root is not None else default_store_path()
+        self._mu = threading.RLock()  # guards the index and what _sync sets
+        self._closed = False
+        self._catalog: Catalog = SqliteCatalog(self.root, embedder, create)
+        st = self._catalog.state()
+        self._emb_name, self._emb_dim, self._base = st.embedder_name, st.embedder_dim, st.base
+        if embedder is not None:
+            self._check_embedder(embedder)
+        self._embedder = embedder
+        self._files = ShardFiles(self.root / SHARDS)
+        self._index = IndexCache(self.root / INDEX, self._emb_dim)
+        self._cleanup()
+        with self._mu:
+            self._sync()
+        if self._index.stale:
+            with contextlib.suppress(OSError):
+                self._persist_index()
+
+    @classmethod
+    def init(cls, root: str | os.PathLike | None = None, base: BaseFingerprint | None = None,
+             embedder: Embedder | None = None) -> "ShardStore":
+        """Create (or open) a store and bind it to `base` (StoreError if bound to another base)."""
+        store = cls(root, embedder=embedder, create=True)
+        if base is not None:
+            store.bind_base(base)
+        return store
+
+    def bind_base(self, base: BaseFingerprint) -> None:
+        """Bind the store to `base` if it has no base yet, else record the optional facts
+        (name_or_path, weight_rms) its record lacks; StoreError if it is bound to another base.
+        Recorded facts are never replaced."""
+        with self._catalog.write_lock():
+            cur = self._catalog.state().base
+            if cur is not None and (why := cur.mismatch(base)) is not None:
+                raise StoreError(f"store {self.root} is bound to another base model: {why}")
+            new = base if cur is None else cur.merged(base)
+            if cur is None or new.to_dict() != cur.to_dict():
+                self._catalog.set_base(new)
+            self._base = new
+
+    # ------------------------------------------------------------------ public properties
+    @property
+    def base(self) -> BaseFingerprint | None:
+        return self._base
+
+    @property
+    def generation(self) -> int:
+        """Catalog generation this instance reflects; bumps on every add/remove/reindex commit."""
+        return self._index.generation
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder that built this store's index (the registry's, loaded lazily, if none given)."""
+        if self._embedder is None:
+            try:
+                emb = get_embedder(self._emb_name)
+            except WragError as e:
+                raise StoreError(f"store {self.root} was indexed with embedder {self._emb_name!r}, which "
+                                 f"this process cannot provide: {e}") from e
+            self._check_embedder(emb)
+            self._embedder = emb
+        return self._embedder
+
+    @property
+    def embedder_name(self) -> str:
+        return self._emb_name
+
+    @property
+    def dim(self) -> int:
+        return self._emb_dim
+
+    def __len__(self) -> int:
+        with self._mu:
+            return len(self._index.ids)
+
+    def __contains__(self, shard_id: str) -> bool:
+        return self._row(shard_id, required=False) is not None
+
+    def __enter__(self) -> "ShardStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShardStore({str(self.root)!r}, shards={len(self)}, generation={self.generation})"
+
+    def close(self) -> None:
+        """Persist the index cache if it is behind, and release the catalog."""
+        if self._closed:
+            return
+        if self._index.stale:
+            with contextlib.suppress(OSError):
+                self._persist_index()
+        with self._mu:
+            if self._closed:
+                return
+            self._catalog.close()
+            self._closed = True
+
+    # ------------------------------------------------------------------ writes
+    def add(self, shard: Shard, allow_attention: bool = False, overwrite: bool = False,
+            embedding: np.ndarray | None = None) -> dict:
+        """Validate, store and index one shard; returns its meta row.
+
+        embedding: optional precomputed (dim,) vector (e.g. bulk imports); it is normalised. The
+        shard still needs a description or samples (they are what `reindex` re-embeds).
+        """
+        embs = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+        return self.add_many([shard], allow_attention=allow_attention, overwrite=overwrite,
+                             embeddings=embs)[0]
+
+    def add_many(self, shards: Iterable[Shard], allow_attention: bool = False, overwrite: bool = False,
+                 embeddings: np.ndarray | None = None) -> list[dict]:
+        """Add shards all-or-nothing in one transaction (one generation bump); embeddings (n, dim)
+        optional. Texts are embedded in one batched call. Returns the meta rows in order."""
+        shards = list(shards)
+        if not shards:
+            return []
+        self._check(shards, allow_attention)  # no lock yet: nothing is touched
+        vecs, sources = self._embed(shards, embeddings)
+        with self._catalog.write_lock():
+            base, replaced = self._check_locked(shards, overwrite)
+            files = self._files.write(shards, [replaced[s.id].file if s.id in replaced else None
+                                               for s in shards])
+            try:
+                gen, fids = self._commit_add(shards, files, vecs, sources, allow_attention, base, replaced)
+            except BaseException:
+                self._files.unlink(name for name, _ in files)  # nothing committed: the new files are garbage
+                raise
+            crash_point("add:after_commit")
+            self._files.unlink(r.file for r in replaced.values())  # new files never take an old name
+            removed, added = [r.fid for r in replaced.values()], dict(zip(fids, (s.id for s in shards)))
+            self._update_index(gen, removed, added, vecs)
+            return [self.get_meta(s.id) for s in shards]
+
+    def _check(self, shards: list[Shard], allow_attention: bool) -> None:
+        """The checks that need no lock: cheap to fail early, nothing is touched yet."""
+        for sh in shards:
+            if not isinstance(sh, Shard):
+                raise StoreError(f"expected a Shard, got {type(sh).__name__}")
+        base = self._catalog.state().base  # the catalog's: another process may have bound it
+        seen = set()
+        for sh in shards:
+            self._check_base(sh, base or shards[0].base)  # an empty store takes the first one's base
+            # ShardError: ids, texts, shapes, NaN/Inf, delta magnitudes (vs the store's base), targets
+            sh.validate(allow_attention, base=base)
+            if sh.id in seen:
+                raise StoreError(f"shard id {sh.id!r} appears twice in one add")
+            seen.add(sh.id)
+            if not embed_source(sh.description, sh.samples):
+                raise StoreError(f"shard {sh.id!r} has an empty description and no samples: the store "
+                                 f"retrieves shards by embedding these texts; give it a description "
+                                 f"or sample prompts")
+
+    def _embed(self, shards: list[Shard], embeddings: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+        """The shards' vectors (n, dim) and how each was made: given, or by the embedding rule."""
+        if embeddings is not None:
+            vecs = given_embeddings(embeddings, len(shards), self._emb_dim, self._emb_name)
+            return vecs, ["given"] * len(shards)
+        vecs = shard_embeddings(self.embedder, [(s.description, s.samples) for s in shards])
+        return vecs, [embed_source(s.description, s.samples) for s in shards]
+
+    def _check_locked(self, shards: list[Shard],
+                      overwrite: bool) -> tuple[BaseFingerprint | None, dict[str, Row]]:
+        """The checks against the catalog as the write lock holds it: its base, the rows the shards
+        would replace. Returns (base, id -> row replaced)."""
+        base = self._catalog.state().base
+        for sh in shards:
+            self._check_base(sh, base or shards[0].base)
+        replaced = {r.id: r for r in self._catalog.rows([s.id for s in shards])}
+        if replaced and not overwrite:
+            raise StoreError(f"shard id {sorted(replaced)[0]!r} already exists in store {self.root}; "
+                             f"remove it first or pass overwrite=True (--overwrite)")
+        return base, replaced
+
+    def _commit_add(self, shards: list[Shard], files: list[tuple[str, int]], vecs: np.ndarray,
+                    sources: list[str], allow_attention: bool, base: BaseFingerprint | None,
+                    replaced: dict[str, Row]) -> tuple[int, list[int]]:
+        """The catalog transaction: rows in, replaced rows out; an empty store is bound to the
+        shards' base, and facts its record lacks are filled in. Returns (generation, fids)."""
+        merged = base or shards[0].base
+        for sh in shards:
+            merged = merged.merged(sh.base)
+        record = None if base is not None and merged.to_dict() == base.to_dict() else merged
+        entries = [Entry(id=sh.id, file=name, name=sh.name or sh.id, description=sh.description,
+                         samples=list(sh.samples), rank=sh.rank, targets=sh.target_modules,
+                         layers=sorted({l for l, _ in sh.factors}), bytes=nbytes, provenance=sh.provenance,
+                         allow_attention=bool(allow_attention), embed_source=src)
+                   for sh, (name, nbytes), src in zip(shards, files, sources)]
+        gen, fids = self._catalog.add(entries, vecs, replace=list(replaced), base=record)
+        self._base = record or base
+        return gen, fids
+
+    def _update_index(self, gen: int, removed: list[int], added: dict[int, str],
+                      vecs: np.ndarray | None) -> None:
+        """After our own commit: in place if the index was at the generation before it, else by diff."""
+        with self._mu:
+            if gen == self._index.generation + 1:
+                self._index.apply(gen, removed, added, vecs)
+            else:
+                self._sync()
+
+    def remove(self, shard_id: str) -> None:
+        """Delete a shard (row, index entry, file). StoreError if unknown."""
+        with self._catalog.write_lock():
+            row = self._row(shard_id)
+            gen = self._catalog.remove(row.fid)
+            crash_point("remove:after_commit")
+            self._files.unlink([row.file])
+            self._update_index(gen, [row.fid], {}, None)
+
+    def reindex(self, embedder: Embedder | None = None) -> int:
+        """Re-embed every shard's texts with `embedder` (default: the store's) and switch the store to
+        it. Precomputed ('given') embeddings are replaced by text embeddings. Returns the count."""
+        emb = embedder or self.embedder
+        with self._catalog.write_lock():
+            rows = self._catalog.rows()
+            vecs = shard_embeddings(emb, [(r.description, r.samples) for r in rows]) if rows else []
+            self._catalog.reembed(emb, [(r.fid, v, embed_source(r.description, r.samples))
+                                        for r, v in zip(rows, vecs)])
+            self._emb_name, self._emb_dim, self._embedder = emb.name, int(emb.dim), emb
+            with self._mu:
+                self._sync()
+        self._persist_index()
+        return len(rows)
+
+    # ------------------------------------------------------------------ reads
+    def list(self) -> list[dict]:
+        """Meta rows of all shards, oldest first."""
+        return [self._meta(r) for r in self._catalog.rows()]
+
+    def get_meta(self, shard_id: str) -> dict:
+        return self._meta(self._row(shard_id))
+
+    def load(self, shard_id: str) -> Shard:
+        """The shard, read from its file (validated)."""
+        row = self._row(shard_id)
+        path = self._files.path(row.file)
+        if not path.exists():
+            raise StoreError(f"shard {shard_id!r} has no file {path} (removed by another process?)")
+        return load_shard(path, allow_attention=row.allow_attention)
+
+    def path(self, shard_id: str) -> Path:
+        """Path of the shard's safetensors file."""
+        return self._files.path(self._row(shard_id).file)
+
+    def search(self, text: str, k: int = 5) -> list[tuple[str, float]]:
+        """(id, cosine score) of the k shards nearest to `text`, best first."""
+        return self.search_many([text], k)[0]
+
+    def search_many(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """One batched embedding call for all texts, one FAISS search."""
+        texts = list(texts)
+        if not texts:
+            return []
+        return self._search(self.embedder.embed(texts), k)
+
+    def search_vector(self, vec: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
+        """Search with a query embedding vec (dim,) (normalised here)."""
+        q = np.asarray(vec, dtype=np.float32).reshape(1, -1)
+        return self._search(q, k)[0]
+
+    def search_vectors(self, vecs: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Search with query embeddings vecs (n, dim)."""
+        return self._search(np.asarray(vecs, dtype=np.float32), k)
+
+    def _search(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        if q.ndim != 2 or q.shape[1] != self._emb_dim:
+            raise StoreError(f"query vectors have shape {tuple(q.shape)}, store expects (n, {self._emb_dim})")
+        if not np.isfinite(q).all():
+            raise StoreError("query vector contains NaN or Inf values")
+        q = normalize_rows(q)
+        with self._mu:
+            return self._index.search(q, k)
+
+    def refresh(self) -> bool:
+        """Catch up with commits of other processes/connections. True if anything changed."""
+        with self._mu:
+            if self._catalog.generation() == self._index.generation:
+                return False
+            self._sync()
+            return True
+
+    def disk_usage(self) -> dict:
+        """Bytes on disk: shard files, catalog (+WAL), index cache, and the total."""
+        shards, cat, idx = self._files.nbytes(), self._catalog.nbytes(), self._index.nbytes()
+        return {"shards": shards, "catalog": cat, "index": idx, "total": shards + cat + idx}
+
+    def verify(self) -> list[str]:
+        """Consistency problems (empty list = consistent): rows without files, files without rows,
+        index entries != catalog rows, embeddings of the wrong size. Holds the writer lock, so a
+        live writer's not-yet-committed file is never reported."""
+        problems = []
+        with self._catalog.write_lock(), self._mu:
+            with self._catalog.snapshot():
+                rows = self._catalog.rows()
+                gen = self._catalog.state().generation
+                bad = dict(self._catalog.bad_embeddings(self._emb_dim))
+            files = self._files.names()
+            for r in rows:
+                if r.file not in files:
+                    problems.append(f"shard {r.id!r}: file {r.file} missing")
+                if r.id in bad:
+                    problems.append(f"shard {r.id!r}: embedding has {bad[r.id]} bytes, expected "
+                                    f"{4 * self._emb_dim}")
+            for f in sorted(files - {r.file for r in rows}):
+                problems.append(f"orphan file shards/{f}")
+            if gen == self._index.generation:
+                idx_ids, cat = set(self._index.fids().tolist()), {r.fid for r in rows}
+                ntotal = self._index.index.ntotal
+                if idx_ids != cat or ntotal != len(rows):
+                    problems.append(f"index holds {ntotal} entries, catalog {len(rows)} rows "
+                                    f"({len(cat - idx_ids)} missing, {len(idx_ids - cat)} extra)")
+                if self._index.ids != {r.fid: r.id for r in rows}:
+                    problems.append("id map differs from catalog")
+            else:
+                problems.append(f"instance at generation {self._index.generation}, catalog at {gen}: "
+                                f"call refresh()")
+        return problems
+
+    # ------------------------------------------------------------------ internals
+    def _check_embedder(self, emb: Embedder) -> None:
+        if (emb.name, int(emb.dim)) != (self._emb_name, self._emb_dim):
+            raise StoreError(
+                f"store {self.root} was indexed with embedder {self._emb_name!r} (dim {self._emb_dim}); "
+                f"refusing to mix in embedder {emb.name!r} (dim {emb.dim}): vectors of different "
+                f"embedders are not comparable. Open the store without an embedder, or re-embed every "
+                f"shard with ShardStore.reindex(embedder).")
+
+    def _check_base(self, sh: Shard, base: BaseFingerprint | None) -> None:
+        if base is not None and (why := base.mismatch(sh.base)) is not None:
+            raise StoreError(f"shard {sh.id!r} was made for a different base model than store {self.root}: "
+                             f"{why}")
+
+    def _row(self, shard_id: str, required: bool = True) -> Row | None:
+        """The catalog row of `shard_id` (None if absent and not required). A string that is no
+        valid id is refused (StoreError) or absent: it never reaches a query or a path."""
+        if (why := id_problem(shard_id)) is not None:
+            if required:
+                raise StoreError(why)
+            return None
+        rows = self._catalog.rows([shard_id])
+        if not rows and required:
+            near = difflib.get_close_matches(str(shard_id), list(self._catalog.ids().values()), n=3)
+            hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+            raise StoreError(f"unknown shard id {shard_id!r} in store {self.root}{hint}")
+        return rows[0] if rows else None
+
+    def _meta(self, r: Row) -> dict:
+        return {"id": r.id, "name": r.name, "description": r.description, "samples": r.samples,
+                "rank": r.rank, "targets": r.targets, "layers": r.layers, "bytes": r.bytes,
+                "added_at": r.added_at, "provenance": r.provenance, "allow_attention": r.allow_attention,
+                "embed_source": r.embed_source, "path": str(self._files.path(r.file))}
+
+    def _cleanup(self) -> None:
+        """Delete what killed writers left: shard files no row names, index temp files. Only when
+        no writer holds the lock: a live writer's not-yet-committed file is not garbage."""
+        with self._catalog.write_lock(wait=False) as held:
+            if held:
+                self._files.sweep(keep=self._catalog.files())
+                self._index.sweep()
+
+    def _sync(self) -> None:
+        """Bring the index to the catalog's state, and take the catalog's embedder and base (caller
+        holds _mu)."""
+        st = self._index.sync(self._catalog)
+        if (st.embedder_name, st.embedder_dim) != (self._emb_name, self._emb_dim):
+            self._emb_name, self._emb_dim = st.embedder_name, st.embedder_dim
+            self._embedder = None  # reindexed by another process: ours no longer fits
+        self._base = st.base
+
+    def _persist_index(self) -> None:
+        """Write the index cache. Call without _mu held (lock order: the write lock, then _mu)."""
+        with self._mu:
+            state, data = self._index.image()
+        with self._catalog.write_lock():
+            self._index.write(state, data)
