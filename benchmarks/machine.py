@@ -1,6 +1,6 @@
 """The machine description every benchmark writes next to its results.
 
-    describe(device, threads) -> {cpu, cores, load_avg, torch_threads, python, platform,
+    describe(device, threads) -> {cpu, cpu_simd, cores, load_avg, torch_threads, python, platform,
                                   torch, vllm, transformers, faiss, device, gpu}
 
 Versions come from the installed distributions (importlib.metadata), so describing the machine
@@ -34,6 +34,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_simd() -> str:
+    """The SIMD flags of /proc/cpuinfo that decide CPU kernel speed (AVX2, AVX-512, AMX), space-separated."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in SIMD_FLAGS if f in have)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def package_version(*dists: str) -> str | None:
     for d in dists:
         try:
@@ -50,7 +66,7 @@ def describe(device: str = "cpu", threads: int | None = None) -> dict:
     """
     import torch
 
-    d = {"cpu": cpu_model(), "cores": os.cpu_count(),
+    d = {"cpu": cpu_model(), "cpu_simd": cpu_simd(), "cores": os.cpu_count(),
          # load at the time of the call: other tenants of a shared host skew the timings
          "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
          "torch_threads": threads if threads is not None else torch.get_num_threads(),

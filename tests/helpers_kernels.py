@@ -57,7 +57,7 @@ def make_problem(layout: str = "prefill", n_slices: int = 2, dtype=torch.float32
     g = torch.Generator().manual_seed(seed)
     S = len(ranks)
     a = torch.randn(n_slices, S, R, d_in, generator=g) / d_in ** 0.5
-    b = torch.randn(n_slices, S, d_out, R, generator=g) / R ** 0.5
+    b = torch.randn(n_slices, S, R, d_out, generator=g).transpose(2, 3) / R ** 0.5   # the serving layout
     if poison:
         for s, r in enumerate(ranks):
             a[:, s, r:] = float("nan")

@@ -38,9 +38,10 @@ def test_gpu_script_logic_on_cpu():
 @pytest.mark.slow
 def test_cpu_bench_tiny_run(tmp_path):
     assert bench_kernels.main(["--shapes", "tiny", "--ks", "3", "--reps", "3", "--budget-s", "0.2",
-                               "--out", str(tmp_path), "--name", "t"]) == 0
+                               "--dtype", "float32", "--out", str(tmp_path), "--name", "t"]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cpu_simd"]
     assert all(r["rel_err"] < 1e-5 for r in data["rows"])
+    assert all(r["limit_delta_vs_base"] > 0 and r["delta_vs_base"] > 0 for r in data["rows"])
     assert {"ours", "concat", "naive"} <= set(data["rows"][0]["ms"])
     assert (tmp_path / "t.png").stat().st_size > 0 and "ours/concat" in (tmp_path / "t.md").read_text()

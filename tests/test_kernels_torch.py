@@ -1,4 +1,4 @@
-"""wrag_kernels torch path (CPU) against the dense reference, plus metadata, safety and compile."""
+"""wrag_kernels CPU backends (native and torch) against the dense reference, plus metadata, safety and compile."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +13,9 @@ from wrag_kernels.cpu import CPU_BUCKETS, CPU_DENSE, CPU_GROUPS, DENSE_MIN_TOKEN
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["prefill", "decode"])
 @pytest.mark.parametrize("n_slices", [1, 2])
-def test_torch_path_matches_dense(dtype, layout, n_slices):
-    p = make_problem(layout, n_slices, dtype)
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_cpu_backends_match_dense(dtype, layout, n_slices, backend):
+    p = make_problem(layout, n_slices, dtype, backend=backend)
     out = p.y.clone()
     apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
     assert_matches(out, p)
@@ -33,18 +34,21 @@ def test_plan_uses_both_paths():
 
 
 @pytest.mark.parametrize("shape", [(64, 128, 8), (576, 1536, 16)])
-def test_model_shapes(shape):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_model_shapes(shape, backend):
     d_in, d_out, R = shape
     reqs = [(7, [0, 2, 5], [1.0, 0.5, 0.5]), (1, [], []), (30, [1], [1.0]), (2, [3, 4, 5, 6, 7, 0, 1, 2], [0.1] * 8)]
     ranks = [R, R // 2, 1, R, 0, R // 4, R, 3]
     for layout in ("prefill", "decode"):
-        p = make_problem(layout, 2, torch.float32, d_in=d_in, d_out=d_out, requests=reqs, ranks=ranks, R=R)
+        p = make_problem(layout, 2, torch.float32, d_in=d_in, d_out=d_out, requests=reqs, ranks=ranks, R=R,
+                         backend=backend)
         out = p.y.clone()
         apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
         assert_matches(out, p)
 
 
-def test_full_pool_no_shard_tokens_bit_exact():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_full_pool_no_shard_tokens_bit_exact(backend):
     """vLLM's CPU LoRA bug: 'no adapter' = −1 wraps to the last slot when the pool is full. Here
     every slot is occupied and the last one is NaN-filled; tokens without shards must not move."""
     S, R, d = 4, 8, 24
@@ -54,7 +58,7 @@ def test_full_pool_no_shard_tokens_bit_exact():
     a[:, -1] = float("nan")
     b[:, -1] = float("nan")
     ranks = torch.full((S,), R, dtype=torch.int32)
-    meta = DeltaMeta(32, 8, 2, "cpu")
+    meta = DeltaMeta(32, 8, 2, "cpu", backend=backend)
     qsl = [0, 3, 4, 9, 10]
     slots = [[-1, -1], [0, -1], [-1, -1], [1, 2]]
     meta.fill(qsl, slots, [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.5, 0.5]])
@@ -124,7 +128,7 @@ def test_opcheck_custom_op():
     """Schema, fake (meta) impl and functionalization of torch.ops.wrag.apply_delta."""
     p = make_problem("prefill", 2, torch.float32, poison=False)
     m = p.meta
-    args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.backend, *m.meta_args())
+    args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.backend, m.graph_safe, *m.meta_args())
     torch.library.opcheck(torch.ops.wrag.apply_delta.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
@@ -190,7 +194,8 @@ def test_dense_groups_large_requests(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_buckets_mixed_sharing(dtype):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_decode_buckets_mixed_sharing(dtype, backend):
     """Decode where a common shard is shared by every request and the others are per request, with
     mixed ranks (masked past each slot's rank) and a chunk of prefill in the same batch: buckets
     of 1, 2 and many tokens per slot, and a dense group."""
@@ -198,8 +203,25 @@ def test_decode_buckets_mixed_sharing(dtype):
     reqs += [(1, [-1], [0.0]), (9, [0, 12], [0.5, 2.0]), (1, [12], [1.0])]
     ranks = [8, 2, 8, 5, 0, 8, 1, 8, 3, 8, 4, 8, 6]
     for layout in ("prefill", "decode"):
-        p = make_problem(layout, 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24, k_max=3)
+        p = make_problem(layout, 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24, k_max=3,
+                         backend=backend)
         out = p.y.clone()
         apply_delta(out, p.x, p.a_pool, p.b_pool, p.slot_ranks, p.meta)
         assert_matches(out, p)
         assert p.meta.cpu.info[CPU_BUCKETS].item() >= 2
+
+
+def test_native_build_failure_falls_back_with_one_warning(tmp_path):
+    """Where the native op cannot be built (no working compiler), "auto" serves the torch path and
+    says so once."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from wrag_kernels import DeltaMeta\n"
+            "print(DeltaMeta(4, 2, 1, 'cpu').backend, DeltaMeta(4, 2, 1, 'cpu').backend)\n")
+    env = {**__import__("os").environ, "WRAG_KERNELS_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["torch", "torch"]
+    assert out.stderr.count("the native CPU op could not be built") == 1, out.stderr[-2000:]

@@ -129,3 +129,45 @@ def test_interpreter_selected_kernel_layouts():
     finally:
         triton_shrink.bgmv_shrink, triton_shrink.sgmv_shrink = orig
     assert calls == ["bgmv", "sgmv"]
+
+
+def test_graph_safe_launches_do_not_depend_on_metadata():
+    """Graph-safe mode (the default on CUDA): the same kernels with the same grids whatever the
+    metadata holds — empty (as in vLLM's CUDA-graph capture), decode or prefill — and the deltas
+    still match the dense reference, so a graph captured empty replays any step correctly."""
+    launches = []
+    orig = {name: getattr(mod, name) for mod, name in ((triton_shrink, "bgmv_shrink"), (triton_shrink, "sgmv_shrink"),
+                                                       (triton_expand, "bgmv_expand"), (triton_expand, "sgmv_expand"))}
+
+    def spy(mod, name):
+        def f(*a, **k):
+            launches[-1].append((name, tuple(t.shape for t in a if isinstance(t, torch.Tensor))))
+            return orig[name](*a, **k)
+        setattr(mod, name, f)
+
+    try:
+        for mod, name in ((triton_shrink, "bgmv_shrink"), (triton_shrink, "sgmv_shrink"),
+                          (triton_expand, "bgmv_expand"), (triton_expand, "sgmv_expand")):
+            spy(mod, name)
+        T = sum(ln for ln, _, _ in REQS)
+        empty = [(ln, [], []) for ln, _, _ in REQS]
+        for reqs, layout in ((empty, "prefill"), (REQS, "prefill"), (REQS, "decode")):
+            g = make_problem(layout, 2, torch.float32, requests=reqs, ranks=RANKS, R=20, backend="triton", **SMALL)
+            g_meta = DeltaMeta(g.meta.max_tokens, g.meta.max_seqs, g.meta.k_max, "cpu", backend="triton",
+                               graph_safe=True)
+            g_meta.fill(g.qsl, g.slots, g.weights)
+            launches.append([])
+            out = g.y.clone()
+            apply_delta(out, g.x, g.a_pool, g.b_pool, g.slot_ranks, g_meta)
+            if reqs is empty:
+                assert torch.equal(out, g.y)
+            else:
+                assert_matches(out, g)
+        names = [[n for n, _ in call] for call in launches]
+        assert names == [["bgmv_shrink", "bgmv_expand"]] * 3
+        # same grids for the same batch size: the two prefill-layout calls (empty and real)
+        assert launches[0] == launches[1] and T > 0
+    finally:
+        for mod, name in ((triton_shrink, "bgmv_shrink"), (triton_shrink, "sgmv_shrink"),
+                          (triton_expand, "bgmv_expand"), (triton_expand, "sgmv_expand")):
+            setattr(mod, name, orig[name])

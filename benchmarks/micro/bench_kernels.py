@@ -3,7 +3,9 @@
 Per FFN layer and step, for a batch of requests each carrying K shards (rank r):
     gate_up: y (T, 2F) += Σ_j w_j B_j (A_j x)      down: y (T, H) += Σ_j w_j B_j (A_j x')
 Methods (all compute the same delta; times are for gate_up + down together):
-  ours          apply_delta (slot/concat-grouped torch path)
+  ours          apply_delta on the CPU's default backend (the native op; the torch path where it
+                cannot be built)
+  ours_torch    apply_delta on the torch backend (dense groups + slot buckets, torch ops)
   concat        the equivalent single concatenated adapter per request group, plain torch:
                 A_cat = [A_1;…;A_K], B_cat = [w_1B_1 … w_KB_K] prebuilt, 2 GEMMs per group  (target)
   ours_k1       apply_delta fed that concatenated adapter as one rank-Kr slot per request
@@ -32,13 +34,13 @@ from wrag_kernels import DeltaMeta, apply_delta
 
 SHAPES = {  # name: (hidden, ffn, rank)
     "tiny": (64, 128, 8),
-    "smollm2-135m": (576, 1536, 16),
+    "smollm2-135m": (576, 1536, 8),          # rank 8: the demo shards'
     "llama3.2-3b": (3072, 8192, 16),
 }
 # (layout, num_seqs, tokens per seq); llama-sized runs keep the pools small.
 SCENARIOS = {
     "tiny": [("decode", 16, 1), ("decode", 64, 1), ("prefill", 4, 64)],
-    "smollm2-135m": [("decode", 16, 1), ("decode", 64, 1), ("prefill", 4, 64)],
+    "smollm2-135m": [("decode", 8, 1), ("decode", 16, 1), ("decode", 64, 1), ("prefill", 4, 64)],
     "llama3.2-3b": [("decode", 16, 1), ("prefill", 2, 64)],
 }
 KS = [1, 3, 8]
@@ -65,11 +67,18 @@ class Case:
         self.h_act = rnd(T, F)                      # stands in for act(gate)*up, the down input
         self.y_gu = torch.zeros(T, 2 * F, dtype=dtype)
         self.y_d = torch.zeros(T, H, dtype=dtype)
-        self.gu = (rnd(2, n_distinct, r, H), rnd(2, n_distinct, F, r))   # a_pool, b_pool
-        self.dn = (rnd(1, n_distinct, r, F), rnd(1, n_distinct, H, r))
+        # a_pool, b_pool; b_pool in the serving layout (d_out contiguous, see serving/pool.py)
+        self.gu = (rnd(2, n_distinct, r, H), rnd(2, n_distinct, r, F).transpose(2, 3))
+        self.dn = (rnd(1, n_distinct, r, F), rnd(1, n_distinct, r, H).transpose(2, 3))
+        # Bytes a step must read: the base FFN weights, and the factors of each distinct slot once.
+        el = torch.finfo(dtype).bits // 8
+        self.base_bytes = 3 * H * F * el
+        self.factor_bytes = n_distinct * r * (2 * (H + F) + (F + H)) * el
         self.ranks = torch.full((n_distinct,), r, dtype=torch.int32)
         self.meta = DeltaMeta(T, n_seqs, K, "cpu")
         self.meta.fill(self.qsl, self.slots, self.weights)
+        self.meta_torch = DeltaMeta(T, n_seqs, K, "cpu", backend="torch")
+        self.meta_torch.fill(self.qsl, self.slots, self.weights)
         # Concatenated single adapter per distinct request group (weights folded into B_cat).
         groups: dict[tuple, list[int]] = {}
         for q in range(n_seqs):
@@ -101,6 +110,10 @@ class Case:
     def ours(self):
         apply_delta(self.y_gu, self.x, *self.gu, self.ranks, self.meta)
         apply_delta(self.y_d, self.h_act, *self.dn, self.ranks, self.meta)
+
+    def ours_torch(self):
+        apply_delta(self.y_gu, self.x, *self.gu, self.ranks, self.meta_torch)
+        apply_delta(self.y_d, self.h_act, *self.dn, self.ranks, self.meta_torch)
 
     def ours_k1(self):
         apply_delta(self.y_gu, self.x, *self.gu_cat, self.ranks_cat, self.meta_cat)
@@ -197,7 +210,8 @@ def check_case(c: Case) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-def run(shapes, ks, sharings, reps: int, budget_s: float, merged_limit: float, log=print) -> list[dict]:
+def run(shapes, ks, sharings, reps: int, budget_s: float, merged_limit: float, dtype=torch.float32,
+        log=print) -> list[dict]:
     try:
         import vllm.lora.ops.torch_ops  # noqa: F401
         have_vllm = True
@@ -208,9 +222,10 @@ def run(shapes, ks, sharings, reps: int, budget_s: float, merged_limit: float, l
         for layout, n_seqs, seq_len in SCENARIOS[shape]:
             for K in ks:
                 for sharing in sharings:
-                    c = Case(shape, layout, n_seqs, seq_len, K, sharing)
+                    c = Case(shape, layout, n_seqs, seq_len, K, sharing, dtype=dtype)
                     err = check_case(c)
-                    fns = {"ours": c.ours, "concat": c.concat, "ours_k1": c.ours_k1, "naive": c.naive}
+                    fns = {"ours": c.ours, "ours_torch": c.ours_torch, "concat": c.concat, "ours_k1": c.ours_k1,
+                           "naive": c.naive}
                     if have_vllm:
                         fns["vllm"] = c.vllm
                     t = time_methods(fns, reps, budget_s)
@@ -224,21 +239,27 @@ def run(shapes, ks, sharings, reps: int, budget_s: float, merged_limit: float, l
                     row = dict(shape=shape, layout=layout, n_seqs=n_seqs, seq_len=seq_len, tokens=c.T, K=K,
                                sharing=sharing, distinct_shards=c.ranks.numel(), rank=c.r, rel_err=err,
                                ms=t, ratio_ours_vs_concat=t["ours"] / t["concat"],
-                               ratio_ours_vs_ours_k1=t["ours"] / t["ours_k1"])
+                               ratio_ours_vs_ours_k1=t["ours"] / t["ours_k1"],
+                               backend=c.meta.backend, delta_vs_base=t["ours"] / t["base"],
+                               limit_delta_vs_base=c.factor_bytes / c.base_bytes)
                     rows.append(row)
                     log(f"{shape:13s} {layout:7s} seqs={n_seqs:3d} T={c.T:4d} K={K} {sharing:8s} "
                         + " ".join(f"{k}={v:.3f}" for k, v in t.items())
-                        + f"  ours/concat={row['ratio_ours_vs_concat']:.2f}")
+                        + f"  ours/concat={row['ratio_ours_vs_concat']:.2f}"
+                        + f"  ours/base={row['delta_vs_base']:.2f} (bytes limit {row['limit_delta_vs_base']:.3f})")
     return rows
 
 
 def write_markdown(rows, info, path: Path) -> None:
-    methods = ["ours", "concat", "ours_k1", "naive", "vllm", "base", "base_plus_ours", "merged"]
-    lines = ["# wrag_kernels CPU benchmark (delta for gate_up + down, one layer, fp32, ms)", "",
+    methods = ["ours", "ours_torch", "concat", "ours_k1", "naive", "vllm", "base", "base_plus_ours", "merged"]
+    lines = [f"# wrag_kernels CPU benchmark (delta for gate_up + down, one layer, {info['dtype']}, ms)", "",
              "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), "",
+             f"`ours` runs the CPU's default backend ({rows[0]['backend'] if rows else '?'}). `ours/base`: the "
+             "delta's time over the base FFN GEMMs' (gate_up + down); `bytes limit`: the same ratio if both "
+             "only streamed their bytes (distinct slots' factors once ÷ the base FFN weights).", "",
              "| shape | layout | seqs×len | K | shards | " + " | ".join(methods)
-             + " | ours/concat | naive/ours | vllm/ours | merged/(base+ours) |",
-             "|" + "---|" * (len(methods) + 9)]
+             + " | ours/concat | naive/ours | vllm/ours | merged/(base+ours) | ours/base | bytes limit |",
+             "|" + "---|" * (len(methods) + 11)]
     for r in rows:
         ms = r["ms"]
         cell = lambda k: f"{ms[k]:.3f}" if k in ms else "—"  # noqa: E731
@@ -246,7 +267,8 @@ def write_markdown(rows, info, path: Path) -> None:
         lines.append(f"| {r['shape']} | {r['layout']} | {r['n_seqs']}×{r['seq_len']} | {r['K']} | "
                      f"{r['distinct_shards']} ({r['sharing']}) | " + " | ".join(cell(m) for m in methods)
                      + f" | **{r['ratio_ours_vs_concat']:.2f}** | {ratio('naive', 'ours')} | "
-                     f"{ratio('vllm', 'ours')} | {ratio('merged', 'base_plus_ours')} |")
+                     f"{ratio('vllm', 'ours')} | {ratio('merged', 'base_plus_ours')} | "
+                     f"**{r['delta_vs_base']:.2f}** | {r['limit_delta_vs_base']:.3f} |")
     k3 = [r["ratio_ours_vs_concat"] for r in rows if r["K"] == 3]
     if k3:
         lines += ["", f"K=3 ours/concat: median {statistics.median(k3):.2f}, "
@@ -297,14 +319,18 @@ def main(argv=None) -> int:
                          "collapse when cores are oversubscribed)")
     ap.add_argument("--merged-limit", type=float, default=4e8,
                     help="skip the dense-merge baseline above seqs*K*3*H*F elements")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="bfloat16: what the demo serves")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="kernels_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = describe("cpu", args.threads)
+    info["dtype"] = args.dtype
     t0 = time.time()
-    rows = run(args.shapes, args.ks, args.sharing, args.reps, args.budget_s, args.merged_limit)
+    rows = run(args.shapes, args.ks, args.sharing, args.reps, args.budget_s, args.merged_limit,
+               getattr(torch, args.dtype))
     info["bench_seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

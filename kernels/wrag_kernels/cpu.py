@@ -50,8 +50,10 @@ CPLAN_TOK_BEGIN, CPLAN_BEGIN, CPLAN_END = range(3)
 CPU_GROUPS, CPU_PAIRS, CPU_DENSE, CPU_BUCKETS, CPU_INFO_LEN = range(5)
 BUCKET_ROW_BEGIN, BUCKET_ROW_END, BUCKET_PAIR_BEGIN, BUCKET_M = range(4)
 # A request group this large runs dense: its one shrink GEMM and K in-place expands cost less than
-# copying the K slots' factors for the batched slot path (and touch y's rows in place).
+# copying the K slots' factors for the batched slot path (and touch y's rows in place). The native
+# op reads the factors in place, so with it only groups large enough for BLAS GEMMs to win go dense.
 DENSE_MIN_TOKENS = 4
+NATIVE_DENSE_MIN_TOKENS = 64
 # The gathered factor copies of one bmm batch stay within this (L2/L3-resident).
 GATHER_CHUNK_BYTES = 4 << 20
 
@@ -59,8 +61,9 @@ GATHER_CHUNK_BYTES = 4 << 20
 class CpuPlan:
     """The CPU backend's per-step work plan, in fixed-size buffers (see the module docstring)."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, k_max: int, device):
+    def __init__(self, max_tokens: int, max_seqs: int, k_max: int, device, dense_min_tokens: int = DENSE_MIN_TOKENS):
         T, N, K, dev = max_tokens, max_seqs, k_max, device
+        self.dense_min_tokens = dense_min_tokens
         self.max_groups = min(N * K, T * K)
         self.max_pairs = 2 * T * K                # padding keeps each slot's list < 2x its length
         self.max_buckets = T.bit_length() + 1     # token counts 1, 2, 3-4, 5-8, ...
@@ -82,8 +85,7 @@ class CpuPlan:
         """qsl (ns+1,), lens (ns,), slots/weights (ns, k) normalised, tok_slots/tok_w (T, K)."""
         info = [0] * self.info.numel()
         if active:
-            ns = lens.numel()
-            seq_of_tok = torch.arange(ns).repeat_interleave(lens)                  # (T,)
+            seq_of_tok = torch.arange(lens.numel()).repeat_interleave(lens)         # (T,)
             left_seq, info[CPU_DENSE] = self._build_dense(qsl, lens, slots, weights)
             left = (tok_slots >= 0) & left_seq[seq_of_tok].unsqueeze(1)             # (T, K)
             if bool(left.any()):
@@ -105,7 +107,7 @@ class CpuPlan:
         n_items, tok_at = 0, 0
         for key, qs in groups.items():
             n = sum(lens_l[q] for q in qs)
-            if n < DENSE_MIN_TOKENS:
+            if n < self.dense_min_tokens:
                 continue
             contiguous = all(qsl_l[a + 1] == qsl_l[b] for a, b in zip(qs, qs[1:]))
             self.cplan[n_items] = torch.tensor([qsl_l[qs[0]] if contiguous else -1, tok_at, tok_at + n])
@@ -179,17 +181,21 @@ def delta_cpu(
     cpu_info: torch.Tensor,   # (CPU_INFO_LEN + 4·max_buckets,) int64, host
 ) -> None:
     info = cpu_info.tolist()
-    n_slices = a_pool.shape[0]
-    yv = y.unflatten(1, (n_slices, b_pool.shape[2]))          # (T, n_slices, d_out) view
-    if info[CPU_DENSE]:
-        n = info[CPU_DENSE]
-        _dense_groups(y, yv, x, a_pool, b_pool, slot_ranks.tolist(), cplan[:n].tolist(), cslots,
-                      cslots[:n].tolist(), cweights[:n].tolist(), ctok)
+    dense_groups(y, x, a_pool, b_pool, slot_ranks, cplan, cslots, cweights, ctok, info)
     for b in range(info[CPU_BUCKETS]):
         row = info[CPU_INFO_LEN + 4 * b: CPU_INFO_LEN + 4 * b + 4]
         r0, r1, p0, m = row[BUCKET_ROW_BEGIN], row[BUCKET_ROW_END], row[BUCKET_PAIR_BEGIN], row[BUCKET_M]
         _slot_bucket(y, x, a_pool, b_pool, slot_ranks, plan[r0:r1, PLAN_SLOT],
                      pair_tok[p0:p0 + (r1 - r0) * m], pair_w[p0:p0 + (r1 - r0) * m], m)
+
+
+def dense_groups(y, x, a_pool, b_pool, slot_ranks, cplan, cslots, cweights, ctok, info: list[int]) -> None:
+    """The plan's dense groups (GEMMs over many tokens: torch's BLAS is the right tool for them)."""
+    n = info[CPU_DENSE]
+    if n:
+        yv = y.unflatten(1, (a_pool.shape[0], b_pool.shape[2]))   # (T, n_slices, d_out) view
+        _dense_groups(y, yv, x, a_pool, b_pool, slot_ranks.tolist(), cplan[:n].tolist(), cslots,
+                      cslots[:n].tolist(), cweights[:n].tolist(), ctok)
 
 
 def _dense_groups(y, yv, x, a_pool, b_pool, ranks, rows, cslots, slot_rows, weight_rows, ctok) -> None:

@@ -7,12 +7,13 @@ batch); `fill` expands them into the layouts the backends read, once per step fo
 
 * segment layout (Triton SGMV, prefill):  seq_start (max_seqs+1,), seq_slots / seq_weights (max_seqs, K)
 * per-token layout (Triton BGMV, decode):  token_slots / token_weights (max_tokens, K)
-* the CPU backend's work plan (`cpu.CpuPlan`), built only when the backend is "torch"
+* the CPU backends' work plan (`cpu.CpuPlan`), built only when the backend is "native" or "torch"
 * host_info (HOST_INFO_LEN,) int64 on the CPU: [active, num_tokens, num_seqs, max_seq_len,
   max_slot], read by the op on the host without a device sync.
 
-The backend is chosen once, here ("auto": Triton for CUDA devices, torch otherwise), and
-`meta_args()` yields every tensor the op takes, in the op schema's order (MetaArgs).
+The backend (and whether the op runs graph-safe) is chosen once, here — "auto": Triton for CUDA devices; on the CPU the native op
+(kernels/csrc/delta_cpu.cpp, built for the host on first use) or, where it cannot be built, the
+torch path — and `meta_args()` yields every tensor the op takes, in the op schema's order (MetaArgs).
 
 Every buffer is allocated once in __init__ and overwritten in place by `fill`, so the tensors
 captured by torch.compile / CUDA graphs stay valid across steps (only their contents change).
@@ -26,9 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from .cpu import CpuPlan
+from . import native
+from .cpu import DENSE_MIN_TOKENS, NATIVE_DENSE_MIN_TOKENS, CpuPlan
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("native", "torch", "triton")
 # Entries of DeltaMeta.host_info.
 INFO_ACTIVE, INFO_TOKENS, INFO_SEQS, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, HOST_INFO_LEN = range(6)
 
@@ -60,16 +62,22 @@ def _as_cpu(t, dtype) -> torch.Tensor:
 class DeltaMeta:
     """Fixed-size metadata buffers for `apply_delta`, updated in place once per step."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, k_max: int, device, backend: str = "auto"):
+    def __init__(self, max_tokens: int, max_seqs: int, k_max: int, device, backend: str = "auto",
+                 graph_safe: bool | None = None):
         if max_tokens < 1 or max_seqs < 1 or k_max < 1:
             raise ValueError("max_tokens, max_seqs and k_max must be >= 1")
         self.max_tokens, self.max_seqs, self.k_max = int(max_tokens), int(max_seqs), int(k_max)
         self.device = torch.device(device)
         if backend == "auto":
-            backend = "triton" if self.device.type == "cuda" else "torch"
+            backend = "triton" if self.device.type == "cuda" else "native" if native.load() else "torch"
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        # Graph-safe (default on CUDA): the op makes no host decision from a step's contents, so a
+        # CUDA graph captured with empty metadata replays correctly with any metadata (see ops.py).
+        self.graph_safe = self.device.type == "cuda" if graph_safe is None else bool(graph_safe)
+        if self.graph_safe and backend != "triton":
+            raise ValueError("graph_safe is a mode of the Triton backend")
         dev, T, N, K = self.device, self.max_tokens, self.max_seqs, self.k_max
         self.token_slots = torch.full((T, K), -1, dtype=torch.int32, device=dev)      # (max_tokens, K)
         self.token_weights = torch.zeros((T, K), dtype=torch.float32, device=dev)     # (max_tokens, K)
@@ -77,7 +85,10 @@ class DeltaMeta:
         self.seq_slots = torch.full((N, K), -1, dtype=torch.int32, device=dev)        # (max_seqs, K)
         self.seq_weights = torch.zeros((N, K), dtype=torch.float32, device=dev)       # (max_seqs, K)
         self.host_info = torch.zeros((HOST_INFO_LEN,), dtype=torch.int64)             # (HOST_INFO_LEN,), CPU
-        self.cpu = CpuPlan(T, N, K, dev)   # allocated for every backend: the op schema is one
+        # allocated for every backend: the op schema is one
+        self.cpu = CpuPlan(T, N, K, dev, NATIVE_DENSE_MIN_TOKENS if backend == "native" else DENSE_MIN_TOKENS)
+        if backend == "native" and native.load() is None:
+            raise RuntimeError("backend 'native': the native CPU op could not be built (see the warning)")
 
     def meta_args(self) -> MetaArgs:
         return MetaArgs(self.token_slots, self.token_weights, self.seq_start, self.seq_slots, self.seq_weights,
@@ -155,7 +166,7 @@ class DeltaMeta:
         self.seq_start.copy_(h_start, non_blocking=True)
         self.seq_slots.copy_(h_seq_slots, non_blocking=True)
         self.seq_weights.copy_(h_seq_w, non_blocking=True)
-        if self.backend == "torch":
+        if self.backend != "triton":
             self.cpu.build(qsl, lens, slots, weights, tok_slots, tok_w, any_active)
         max_slot = int(slots.max()) if any_active else -1
         self.host_info.copy_(torch.tensor([int(any_active), T, ns, int(lens.max()) if ns > 0 else 0, max_slot]))

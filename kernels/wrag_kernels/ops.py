@@ -3,24 +3,28 @@
 Semantics, per token t of a mixed batch and slice i of the projection:
     y_t[i] += Σ_{j<K} w_{t,j} · B[i, s(t,j)] · (A[i, s(t,j)] · x_t)        s = −1 → nothing
 The backend is the one DeltaMeta chose at construction: "triton" (CUDA; SGMV for prefill, BGMV
-for decode) or "torch" (the CPU plan of cpu.py). The op is opaque to torch.compile (its fake
+for decode), "native" (the C++ op of kernels/csrc/delta_cpu.cpp over the slot rows of cpu.py's
+plan) or "torch" (cpu.py's plan run with torch ops: the readable reference of the CPU path). The op is opaque to torch.compile (its fake
 gives no outputs: it mutates y in place), and every metadata input is a fixed-size buffer of
 DeltaMeta, so compiled graphs and CUDA graphs see new metadata through in-place updates without
-retracing. Host-side decisions (early exit when no token has a slot, SGMV vs BGMV, validation)
-read `host_info`, a CPU tensor, so they never sync with the device. Under CUDA-graph capture those
-host decisions are frozen at capture time (as in vLLM's LoRA ops, which use a CPU no-LoRA flag the
-same way): capture with an active batch of the layout you replay.
+retracing. Outside graph-safe mode, host-side decisions (early exit when no token has a slot,
+SGMV vs BGMV, validation) read `host_info`, a CPU tensor, so they never sync with the device. In
+graph-safe mode (DeltaMeta's default on CUDA) the op takes no decision from a step's contents: it
+always launches the per-token BGMV kernels with grids sized from the batch's shape, and entries
+with slot −1 or rank 0 exit on the device — so a CUDA graph vLLM captures with dummy batches (no
+token has a slot) replays every later step's deltas, instead of freezing an early exit.
 """
 from __future__ import annotations
 
 import torch
 
-from .cpu import delta_cpu
+from . import native
+from .cpu import CPU_GROUPS, delta_cpu, dense_groups
 from .meta import INFO_ACTIVE, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_TOKENS, DeltaMeta, MetaArgs
 
 
-def _check(y, x, a_pool, b_pool, slot_ranks, max_tokens: int, info: list[int]) -> None:
-    """Host-side validation from shapes and host_info only (no device reads)."""
+def _check(y, x, a_pool, b_pool, slot_ranks, max_tokens: int, info: list[int] | None) -> None:
+    """Host-side validation from shapes and host_info (None: from shapes only; no device reads)."""
     if x.dim() != 2 or y.dim() != 2 or a_pool.dim() != 4 or b_pool.dim() != 4:
         raise ValueError("expected y (T, n_slices*d_out), x (T, d_in), a_pool (n, S, R, d_in), b_pool (n, S, d_out, R)")
     n_slices, S, R, d_in = a_pool.shape
@@ -33,9 +37,12 @@ def _check(y, x, a_pool, b_pool, slot_ranks, max_tokens: int, info: list[int]) -
         raise ValueError(f"slot_ranks must have shape ({S},)")
     if not (x.dtype == y.dtype == a_pool.dtype == b_pool.dtype):
         raise ValueError("y, x, a_pool and b_pool must share one dtype")
-    if T > max_tokens or T < info[INFO_TOKENS]:
-        raise ValueError(f"batch has {T} rows but DeltaMeta holds {info[INFO_TOKENS]} tokens "
-                         f"(max_tokens={max_tokens})")
+    if T > max_tokens:
+        raise ValueError(f"batch has {T} rows but DeltaMeta(max_tokens={max_tokens})")
+    if info is None:
+        return
+    if T < info[INFO_TOKENS]:
+        raise ValueError(f"batch has {T} rows but DeltaMeta holds {info[INFO_TOKENS]} tokens")
     if info[INFO_MAX_SLOT] >= S:
         raise ValueError(f"slot {info[INFO_MAX_SLOT]} is outside the pool of {S} slots")
 
@@ -46,14 +53,28 @@ def _apply_delta_impl(
     a_pool: torch.Tensor,         # (n_slices, S, R, d_in)
     b_pool: torch.Tensor,         # (n_slices, S, d_out, R)
     slot_ranks: torch.Tensor,     # (S,) int32
-    backend: str,                 # "torch" | "triton" (DeltaMeta.backend)
+    backend: str,                 # "native" | "torch" | "triton" (DeltaMeta.backend)
+    graph_safe: bool,             # DeltaMeta.graph_safe
     *meta_args: torch.Tensor,     # MetaArgs (meta.py), in order
 ) -> None:
     m = MetaArgs(*meta_args)
+    if graph_safe:   # the same launches whatever the metadata holds; slot −1 / rank 0 exit on the device
+        _check(y, x, a_pool, b_pool, slot_ranks, m.token_slots.shape[0], None)
+        if x.shape[0]:
+            h = _shrink_triton(x, a_pool, slot_ranks, m, decode=True)
+            _expand_triton(y, h, b_pool, slot_ranks, m, decode=True)
+        return
     info = m.host_info.tolist()
     _check(y, x, a_pool, b_pool, slot_ranks, m.token_slots.shape[0], info)
     if not info[INFO_ACTIVE] or x.shape[0] == 0:
         return                                      # early exit: no token has a slot
+    if backend == "native":   # dense groups as torch GEMMs, every slot row in one native call
+        cpu_info = m.cpu_info.tolist()
+        dense_groups(y, x, a_pool, b_pool, slot_ranks, m.cplan, m.cslots, m.cweights, m.ctok, cpu_info)
+        if cpu_info[CPU_GROUPS]:
+            native.load().delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.plan, cpu_info[CPU_GROUPS],
+                                    m.pair_tok, m.pair_w)
+        return
     if backend == "torch":
         delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.pair_tok, m.pair_w, m.plan, m.cplan, m.cslots,
                   m.cweights, m.ctok, m.cpu_info)
@@ -70,7 +91,7 @@ def _apply_delta_fake(*args) -> None:
 # Registered like vLLM's direct_register_custom_op (Library.define + impl per dispatch key), not with
 # torch.library.custom_op, whose Python wrapper layers cost more per call (docs/decisions.md). The
 # schema spells MetaArgs' fields once, from the NamedTuple.
-_SCHEMA = ("(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor slot_ranks, str backend, "
+_SCHEMA = ("(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor slot_ranks, str backend, bool graph_safe, "
            + ", ".join(f"Tensor {f}" for f in MetaArgs._fields) + ") -> ()")
 _LIB = torch.library.Library("wrag", "FRAGMENT")
 _LIB.define("apply_delta" + _SCHEMA)
@@ -122,4 +143,4 @@ def apply_delta(
     Under torch.compile this goes through torch.ops.wrag.apply_delta (opaque, fake impl); in eager
     mode the implementation is called directly, skipping the dispatcher's Python layers."""
     op = _apply_delta_impl if not torch.compiler.is_compiling() else torch.ops.wrag.apply_delta
-    op(y, x, a_pool, b_pool, slot_ranks, meta.backend, *meta.meta_args())
+    op(y, x, a_pool, b_pool, slot_ranks, meta.backend, meta.graph_safe, *meta.meta_args())

@@ -6,6 +6,8 @@ graphs stay valid; contents change in place):
     gate_up_proj:  a_pool (2, S, R, d_model)      b_pool (2, S, d_ff/tp, R)    slices: gate, up
     down_proj:     a_pool (1, S, R, d_ff/tp)      b_pool (1, S, d_model, R)
     slot_ranks     (S,) int32  (rank of the payload in each slot; 0 = empty)
+b_pool is stored with d_out contiguous (a transposed view of (n, S, R, d_out)): the native CPU op
+streams each rank row of B along d_out.
 
 Tensor parallelism: gate_up is column-parallel (output split) → B is sliced by output rows and A is
 whole; down is row-parallel (input split) → A is sliced by input columns and B is whole, and the

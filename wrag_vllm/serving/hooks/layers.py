@@ -66,7 +66,8 @@ class WragFFN:
             d_in, d_out, n = self.input_size_per_partition, self.output_size, 1
         self.wrag_layer, self.wrag_dims = layer_index, (d_in, d_out)
         self.register_buffer("wrag_a_pool", torch.zeros(n, S, R, d_in, dtype=dtype), persistent=False)   # (n, S, R, d_in)
-        self.register_buffer("wrag_b_pool", torch.zeros(n, S, d_out, R, dtype=dtype), persistent=False)  # (n, S, d_out, R)
+        # (n, S, d_out, R), stored with d_out contiguous: the CPU op streams B along d_out
+        self.register_buffer("wrag_b_pool", torch.zeros(n, S, R, d_out, dtype=dtype).transpose(2, 3), persistent=False)
         self.register_buffer("wrag_slot_ranks", torch.zeros(S, dtype=torch.int32), persistent=False)     # (S,)
         self.wrag_pool = pool
         pool.register(self)

@@ -1,0 +1,200 @@
+// The CPU backend's native op: the slot rows of the multi-shard delta of one projection call.
+//
+// Semantics (Punica's y = x·W + x·A·B with K weighted shards per token), per token t, slice i:
+//     y_t[i] += Σ_j w_{t,j} · B[i, s(t,j), :, :r_s] · (A[i, s(t,j), :r_s, :] · x_t)
+// The work list is the CPU plan's slot rows (cpu.py): one row per distinct slot s of the step
+// (requests that form a dense group run as torch GEMMs beside it, see ops.py),
+// [slot, pair_begin, pair_end, count, bucket], and its (token, weight) pairs pair_tok / pair_w,
+// slot-major; the first `count` pairs of a row are real (the rest is bucket padding, skipped).
+//   1. shrink  h[p, i, :r] = w_p · A[i, s, :r, :] · x[tok_p]          parallel over slot rows
+//   2. expand  y[tok_p, i·d_out + o] += Σ_k B[i, s, o, k] · h[p, i, k]  parallel over column blocks
+// Each distinct slot's factors are read once per call (A in 1; B once per column block in 2);
+// nothing past a slot's rank is read; accumulation is fp32; y is written only at the tokens of the
+// pairs, so tokens without a slot stay bit-exact. The expand streams B along d_out: it is fast when
+// the pool stores B with d_out contiguous (b_pool.stride(2) == 1, as the serving layers allocate
+// it) and correct for any strides. Loops are written for the compiler to vectorise (-O3
+// -march=native); bf16 is converted with integer shifts (round to nearest even), which vectorise.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t PB = 4;   // pairs (tokens) that share each load of a factor row
+
+inline float f32(float v) { return v; }
+inline float f32(double v) { return static_cast<float>(v); }
+inline float f32(c10::Half v) { return static_cast<float>(v); }
+inline float f32(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void store(float& dst, float v) { dst = v; }
+inline void store(double& dst, float v) { dst = v; }
+inline void store(c10::Half& dst, float v) { dst = static_cast<c10::Half>(v); }
+inline void store(c10::BFloat16& dst, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  dst.x = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);   // NaN stays NaN
+}
+
+template <typename scalar_t>
+void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                const at::Tensor& slot_ranks, const at::Tensor& plan, int64_t num_rows,
+                const at::Tensor& pair_tok, const at::Tensor& pair_w) {
+  const int64_t n = a_pool.size(0), S = a_pool.size(1), R = a_pool.size(2), d_in = a_pool.size(3);
+  const int64_t d_out = b_pool.size(2);
+  const int64_t bs_i = b_pool.stride(0), bs_s = b_pool.stride(1), bs_o = b_pool.stride(2), bs_k = b_pool.stride(3);
+  const scalar_t* X = x.data_ptr<scalar_t>();
+  const scalar_t* A = a_pool.data_ptr<scalar_t>();
+  const scalar_t* B = b_pool.data_ptr<scalar_t>();
+  scalar_t* Y = y.data_ptr<scalar_t>();
+  const int32_t* ranks = slot_ranks.data_ptr<int32_t>();
+  const int64_t* rows = plan.data_ptr<int64_t>();          // (num_rows, 5)
+  const int64_t* tok = pair_tok.data_ptr<int64_t>();
+  const float* w = pair_w.data_ptr<float>();
+  const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
+
+  int64_t num_pairs = 0;
+  for (int64_t g = 0; g < num_rows; ++g) {
+    const int64_t s = rows[g * 5];
+    TORCH_CHECK(s >= 0 && s < S && ranks[s] >= 0 && ranks[s] <= R, "delta_cpu_native: slot ", s,
+                " or its rank is outside the pool");
+    TORCH_CHECK(rows[g * 5 + 2] <= pair_tok.numel() && rows[g * 5 + 1] + rows[g * 5 + 3] <= rows[g * 5 + 2],
+                "delta_cpu_native: a slot row's pairs are outside pair_tok");
+    num_pairs = std::max(num_pairs, rows[g * 5 + 2]);
+  }
+  // h (num_pairs, n, R) fp32, indexed by pair (padding positions are never read).
+  std::vector<float> h_buf(static_cast<size_t>(num_pairs * n * R));
+  float* H = h_buf.data();
+
+  // 1. shrink: dot products of length d_in per (pair, slice, rank row); PB pairs share each load
+  // of an A row.
+  at::parallel_for(0, num_rows, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t s = rows[g * 5], p0 = rows[g * 5 + 1], c = rows[g * 5 + 3];
+      const int64_t r = ranks[s];
+      for (int64_t q0 = p0; q0 < p0 + c; q0 += PB) {
+        const int64_t nq = std::min<int64_t>(PB, p0 + c - q0);
+        const scalar_t* xt[PB];
+        for (int64_t q = 0; q < PB; ++q) xt[q] = X + tok[q0 + std::min(q, nq - 1)] * x_stride;
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* Ai = A + ((i * S + s) * R) * d_in;
+          for (int64_t k = 0; k < r; ++k) {
+            const scalar_t* a = Ai + k * d_in;
+            if (nq == 1) {                       // decode with a slot of its own: one token
+              float a0 = 0.f;
+#pragma omp simd reduction(+ : a0)
+              for (int64_t d = 0; d < d_in; ++d) a0 += f32(a[d]) * f32(xt[0][d]);
+              H[(q0 * n + i) * R + k] = a0 * w[q0];
+              continue;
+            }
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t d = 0; d < d_in; ++d) {
+              const float ad = f32(a[d]);
+              a0 += ad * f32(xt[0][d]);
+              a1 += ad * f32(xt[1][d]);
+              a2 += ad * f32(xt[2][d]);
+              a3 += ad * f32(xt[3][d]);
+            }
+            const float out[PB] = {a0, a1, a2, a3};
+            for (int64_t q = 0; q < nq; ++q) H[((q0 + q) * n + i) * R + k] = out[q] * w[q0 + q];
+          }
+        }
+      }
+    }
+  });
+
+  // 2. expand, per block of one slice's output columns: for PB pairs at a time, r axpy's along
+  // the block into fp32 accumulators (each B element loaded once for the PB pairs), then added to
+  // the pairs' rows of y once.
+  constexpr int64_t COLS = 512;
+  const int64_t blocks_per_slice = (d_out + COLS - 1) / COLS;
+  at::parallel_for(0, n * blocks_per_slice, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc_buf(static_cast<size_t>(PB * COLS));
+    float* acc[PB];
+    for (int64_t q = 0; q < PB; ++q) acc[q] = acc_buf.data() + q * COLS;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i = blk / blocks_per_slice, o0 = (blk % blocks_per_slice) * COLS;
+      const int64_t nc = std::min(COLS, d_out - o0);
+      for (int64_t g = 0; g < num_rows; ++g) {
+        const int64_t s = rows[g * 5], p0 = rows[g * 5 + 1], c = rows[g * 5 + 3];
+        const int64_t r = ranks[s];
+        if (r == 0) continue;
+        const scalar_t* Bs = B + i * bs_i + s * bs_s + o0 * bs_o;
+        for (int64_t q0 = p0; q0 < p0 + c; q0 += PB) {
+          const int64_t nq = std::min<int64_t>(PB, p0 + c - q0);
+          if (nq == 1) {                         // one token: one accumulator
+            float* c0 = acc[0];
+#pragma omp simd
+            for (int64_t j = 0; j < nc; ++j) c0[j] = 0.f;
+            for (int64_t k = 0; k < r; ++k) {
+              const float hk = H[(q0 * n + i) * R + k];
+              const scalar_t* b = Bs + k * bs_k;
+              if (bs_o == 1) {
+#pragma omp simd
+                for (int64_t j = 0; j < nc; ++j) c0[j] += hk * f32(b[j]);
+              } else {
+                for (int64_t j = 0; j < nc; ++j) c0[j] += hk * f32(b[j * bs_o]);
+              }
+            }
+            scalar_t* yp = Y + tok[q0] * y_stride + i * d_out + o0;
+#pragma omp simd
+            for (int64_t j = 0; j < nc; ++j) store(yp[j], f32(yp[j]) + c0[j]);
+            continue;
+          }
+          std::fill(acc_buf.begin(), acc_buf.end(), 0.f);
+          float* c0 = acc[0]; float* c1 = acc[1]; float* c2 = acc[2]; float* c3 = acc[3];
+          for (int64_t k = 0; k < r; ++k) {
+            float hk[PB] = {0.f, 0.f, 0.f, 0.f};
+            for (int64_t q = 0; q < nq; ++q) hk[q] = H[((q0 + q) * n + i) * R + k];
+            const scalar_t* b = Bs + k * bs_k;
+            if (bs_o == 1) {
+#pragma omp simd
+              for (int64_t j = 0; j < nc; ++j) {
+                const float bj = f32(b[j]);
+                c0[j] += hk[0] * bj; c1[j] += hk[1] * bj; c2[j] += hk[2] * bj; c3[j] += hk[3] * bj;
+              }
+            } else {
+              for (int64_t j = 0; j < nc; ++j) {
+                const float bj = f32(b[j * bs_o]);
+                c0[j] += hk[0] * bj; c1[j] += hk[1] * bj; c2[j] += hk[2] * bj; c3[j] += hk[3] * bj;
+              }
+            }
+          }
+          for (int64_t q = 0; q < nq; ++q) {
+            scalar_t* yp = Y + tok[q0 + q] * y_stride + i * d_out + o0;
+            const float* aq = acc[q];
+#pragma omp simd
+            for (int64_t j = 0; j < nc; ++j) store(yp[j], f32(yp[j]) + aq[j]);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void delta_cpu_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                      const at::Tensor& slot_ranks, const at::Tensor& plan, int64_t num_rows,
+                      const at::Tensor& pair_tok, const at::Tensor& pair_w) {
+  TORCH_CHECK(x.is_cpu() && y.is_cpu() && a_pool.is_contiguous(), "delta_cpu_native: CPU tensors, contiguous a_pool");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "delta_cpu_native: rows of x and y must be contiguous");
+  TORCH_CHECK(plan.is_contiguous() && pair_tok.is_contiguous() && pair_w.is_contiguous() && slot_ranks.is_contiguous(),
+              "delta_cpu_native: contiguous plan tensors");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "delta_cpu_native", [&] {
+    delta_impl<scalar_t>(y, x, a_pool, b_pool, slot_ranks, plan, num_rows, pair_tok, pair_w);
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("delta_cpu", &delta_cpu_native, "the slot rows of the multi-shard FFN delta of one projection, in place on y");
+}

@@ -1,0 +1,54 @@
+"""The native CPU op (kernels/csrc/delta_cpu.cpp), built for this host on first use.
+
+torch.utils.cpp_extension compiles it with -O3 -march=native and OpenMP into a build folder keyed
+by the source, torch's version and the CPU's flags (~/.cache/wrag_kernels/, or
+$WRAG_KERNELS_CACHE), so a second process, or a second run, loads it in milliseconds. Where no
+compiler works, `load()` returns None after one warning and the torch path (cpu.py) serves.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("wrag_kernels")
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "delta_cpu.cpp"
+_STATE: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("WRAG_KERNELS_CACHE") or Path.home() / ".cache" / "wrag_kernels")
+    d = root / f"delta_cpu-{key}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def load():
+    """The compiled module (with .delta_cpu), or None where it cannot be built (warned once)."""
+    if "mod" not in _STATE:
+        try:
+            from torch.utils.cpp_extension import load as load_ext
+            _STATE["mod"] = load_ext(name="wrag_delta_cpu", sources=[str(SOURCE)], build_directory=str(build_dir()),
+                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # noqa: BLE001 - no compiler / headers: the torch path serves
+            _STATE["mod"] = None
+            warnings.warn(f"wrag_kernels: the native CPU op could not be built ({type(e).__name__}: "
+                          f"{str(e)[:300]}); the slower torch path serves", RuntimeWarning, stacklevel=2)
+    return _STATE["mod"]
