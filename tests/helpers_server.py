@@ -84,3 +84,32 @@ def model_and_store(tmp: Path, descriptions: dict[str, str], seed: int):
         store.add(sh)
     return model_dir, fp, store, shards
 
+
+_HF: dict = {}
+
+
+def hf_greedy(model_dir, shards: dict, prompt: str, shard_ids=(), weights=(), method="linear", n: int = 8):
+    """The reference: HF transformers fp32 greedy tokens with the composed delta added densely to
+    the FFN weights (cached per arguments)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from wrag_vllm.compose import compose
+
+    key = (str(model_dir), prompt, tuple(shard_ids), tuple(weights), method, n)
+    if key in _HF:
+        return _HF[key]
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if shard_ids:
+        comp = compose([shards[i] for i in shard_ids], list(weights), method)
+        with torch.no_grad():
+            for (layer, mod), f in comp.factors.items():
+                w = getattr(model.model.layers[layer].mlp, mod).weight
+                w += f.delta().to(w.dtype)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id)
+    _HF[key] = out[0, ids.shape[1]:].tolist()
+    return _HF[key]
+

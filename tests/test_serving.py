@@ -13,7 +13,6 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -72,31 +71,10 @@ def complete(served, prompt, xargs=None, n=N_TOK):
 
 
 # ---------------------------------------------------------------------------- HF reference
-_HF = {}
-
-
 def hf_tokens(served, prompt, shard_ids=(), weights=(), method="linear", n=N_TOK):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from helpers_server import hf_greedy
 
-    from wrag_vllm.compose import compose
-
-    key = (prompt, tuple(shard_ids), tuple(weights), method, n)
-    if key in _HF:
-        return _HF[key]
-    model = LlamaForCausalLM.from_pretrained(served["model_dir"], dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(served["model_dir"])
-    if shard_ids:
-        comp = compose([served["shards"][i] for i in shard_ids], list(weights), method)
-        with torch.no_grad():
-            for (layer, mod), f in comp.factors.items():
-                w = getattr(model.model.layers[layer].mlp, mod).weight
-                w += f.delta().to(w.dtype)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=tok.pad_token_id)
-    _HF[key] = out[0, ids.shape[1]:].tolist()
-    return _HF[key]
+    return hf_greedy(served["model_dir"], served["shards"], prompt, shard_ids, weights, method, n)
 
 
 CASES = [(("med",), (1.0,), "linear"), (("med",), (1.0,), "svd-centered"),

@@ -54,6 +54,7 @@ class WragConfig:
     host_cache_mb: int = 1024      # worker host-memory cache of slot payloads
     composition_cache_mb: int = 1024
     prepare_threads: int = 2       # engine-core threads doing retrieval/composition off the loop
+    kernel_backend: str = "auto"   # wrag_kernels backend: auto | native | torch | triton (DeltaMeta)
     # --- limits a request cannot exceed (see README "Security model")
     max_weight: float = 2.0        # each wrag_weights value must lie in [0, max_weight]
     # per-request wrag_method values: the rules with a factor-space serving form; the dense offline
@@ -74,7 +75,8 @@ class WragConfig:
         "WRAG_METHOD_PARAMS": "method_params", "WRAG_SLOTS": "slots", "WRAG_MAX_RANK": "max_rank",
         "WRAG_K_MAX": "k_max", "WRAG_HOST_CACHE_MB": "host_cache_mb",
         "WRAG_COMPOSITION_CACHE_MB": "composition_cache_mb",
-        "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_MAX_WEIGHT": "max_weight",
+        "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_KERNEL_BACKEND": "kernel_backend",
+        "WRAG_MAX_WEIGHT": "max_weight",
         "WRAG_REQUEST_METHODS": "request_methods", "WRAG_QUERY_MAX_TOKENS": "query_max_tokens",
         "WRAG_ADMIN_WRITES": "admin_writes", "WRAG_ADMIN_DIRS": "admin_dirs",
         "WRAG_MAX_UPLOAD_MB": "max_upload_mb",
@@ -127,6 +129,8 @@ class WragConfig:
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")
         need(self.query_max_tokens >= 1, "query_max_tokens must be >= 1")
         need(self.max_upload_mb >= 1, "max_upload_mb must be >= 1")
+        need(self.kernel_backend in ("auto", "native", "torch", "triton"),
+             "kernel_backend must be one of auto, native, torch, triton")
         from ..compose import METHODS
         unknown = [m for m in self.request_methods if m not in METHODS]
         need(not unknown, f"request_methods: unknown method(s) {unknown}; known: {', '.join(METHODS)}")

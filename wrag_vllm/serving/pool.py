@@ -51,8 +51,9 @@ def open_worker_pool(cfg: WragConfig, max_tokens: int, max_seqs: int) -> "ShardP
         _WORKER_POOL = ShardPool(slots=cfg.slots, max_rank=cfg.max_rank, k_max=cfg.k_max,
                                  max_tokens=int(max_tokens), max_seqs=int(max_seqs),
                                  host_cache_bytes=cfg.host_cache_mb << 20, run_dir=os.environ.get(RUN_DIR_ENV),
-                                 device=torch.get_default_device())
-        log.info("WRAG: shard pool with %d slots of rank %d per FFN layer", cfg.slots, cfg.max_rank)
+                                 device=torch.get_default_device(), backend=cfg.kernel_backend)
+        log.info("WRAG: shard pool with %d slots of rank %d per FFN layer (kernels: %s%s)", cfg.slots, cfg.max_rank,
+                 _WORKER_POOL.meta.backend, ", graph-safe" if _WORKER_POOL.meta.graph_safe else "")
     return _WORKER_POOL
 
 
@@ -60,11 +61,11 @@ class ShardPool:
     """One per worker process. Layers register at construction; the runner hook calls `step`."""
 
     def __init__(self, slots: int, max_rank: int, k_max: int, max_tokens: int, max_seqs: int,
-                 host_cache_bytes: int, run_dir: str | None, device):
+                 host_cache_bytes: int, run_dir: str | None, device, backend: str = "auto"):
         self.S, self.R, self.k_max = slots, max_rank, k_max
         self.run_dir = run_dir
         self.device = device
-        self.meta = DeltaMeta(max_tokens, max_seqs, k_max, device)
+        self.meta = DeltaMeta(max_tokens, max_seqs, k_max, device, backend=backend)
         self.layers: list = []                 # WRAG linear modules, in construction order
         self.slot_of: OrderedDict[str, int] = OrderedDict()   # payload key -> slot (LRU order)
         self.free = list(range(slots))
