@@ -38,16 +38,12 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16"
 
 
 def cpu_simd() -> str:
-    """The SIMD flags of /proc/cpuinfo that decide CPU kernel speed (AVX2, AVX-512, AMX), space-separated."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return " ".join(f for f in SIMD_FLAGS if f in have)
-    except OSError:
-        pass
-    return "unknown"
+    """The CPU flags that decide CPU kernel speed (AVX2, AVX-512, AMX), space-separated: the flags the
+    native kernel's build is keyed by (wrag_kernels.native.cpu_flags)."""
+    from wrag_kernels.native import cpu_flags
+
+    have = cpu_flags()
+    return " ".join(f for f in SIMD_FLAGS if f in have)
 
 
 def package_version(*dists: str) -> str | None:

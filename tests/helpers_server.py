@@ -5,7 +5,10 @@ here and saved with PreTrainedTokenizerFast; the chat template is a 1-line Jinja
 """
 from __future__ import annotations
 
+import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -112,4 +115,18 @@ def hf_greedy(model_dir, shards: dict, prompt: str, shard_ids=(), weights=(), me
                              pad_token_id=tok.pad_token_id)
     _HF[key] = out[0, ids.shape[1]:].tolist()
     return _HF[key]
+
+
+def call_json(base_url: str, path: str, body=None, key: str | None = None, method: str = "POST",
+              timeout: float = 120):
+    """(status, headers, JSON body) of one request to the server; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base_url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"{}")
 

@@ -344,15 +344,9 @@ def served(tmp_path_factory):
 
 
 def _call(served, path, body, key=KEY, method="POST"):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(served["srv"].base_url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"{}")
+    from helpers_server import call_json
+
+    return call_json(served["srv"].base_url, path, body, key, method)
 
 
 def _complete(served, prompt, xargs=None, salt=None, chat=False):

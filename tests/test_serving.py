@@ -7,7 +7,6 @@ must be equal.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import time
 import urllib.request
@@ -50,14 +49,9 @@ def served(tmp_path_factory):
 
 
 def _post(served, path, body, key=API_KEY):
-    req = urllib.request.Request(served["srv"].base_url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {key}"} if key else {})})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"{}")
+    from helpers_server import call_json
+
+    return call_json(served["srv"].base_url, path, body, key)
 
 
 def complete(served, prompt, xargs=None, n=N_TOK):

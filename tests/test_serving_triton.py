@@ -7,9 +7,6 @@ greedy tokens must equal the HF dense reference — as the CPU backends' must in
 """
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -36,12 +33,13 @@ def served(tmp_path_factory):
 
 
 def _complete(served, prompt, xargs):
+    from helpers_server import call_json
+
     body = {"model": "tiny", "prompt": prompt, "max_tokens": N_TOK, "temperature": 0.0, "ignore_eos": True,
             "return_token_ids": True, "vllm_xargs": xargs}
-    req = urllib.request.Request(served["srv"].base_url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())["choices"][0]["token_ids"]
+    status, _, out = call_json(served["srv"].base_url, "/v1/completions", body, timeout=600)
+    assert status == 200, out
+    return out["choices"][0]["token_ids"]
 
 
 @pytest.mark.parametrize("ids,weights,method", [(("med",), (1.0,), "linear"),

@@ -11,9 +11,10 @@ batch); `fill` expands them into the layouts the backends read, once per step fo
 * host_info (HOST_INFO_LEN,) int64 on the CPU: [active, num_tokens, num_seqs, max_seq_len,
   max_slot], read by the op on the host without a device sync.
 
-The backend (and whether the op runs graph-safe) is chosen once, here — "auto": Triton for CUDA devices; on the CPU the native op
-(kernels/csrc/delta_cpu.cpp, built for the host on first use) or, where it cannot be built, the
-torch path — and `meta_args()` yields every tensor the op takes, in the op schema's order (MetaArgs).
+The backend (and whether the op runs graph-safe) is chosen once, here — "auto": Triton for CUDA
+devices; on the CPU the native op (kernels/csrc/delta_cpu.cpp, built for the host on first use)
+or, where it cannot be built, the torch path — and `meta_args()` yields every tensor the op
+takes, in the op schema's order (MetaArgs).
 
 Every buffer is allocated once in __init__ and overwritten in place by `fill`, so the tensors
 captured by torch.compile / CUDA graphs stay valid across steps (only their contents change).

@@ -8,7 +8,6 @@ compiler works, `load()` returns None after one warning and the torch path (cpu.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import platform
 import warnings
@@ -16,23 +15,25 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("wrag_kernels")
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "delta_cpu.cpp"
 _STATE: dict = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo on Linux; the processor name elsewhere)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor()
+    return {platform.processor()}
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    flags = " ".join(sorted(cpu_flags())).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags).hexdigest()[:16]
     root = Path(os.environ.get("WRAG_KERNELS_CACHE") or Path.home() / ".cache" / "wrag_kernels")
     d = root / f"delta_cpu-{key}"
     d.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def parse_bool(v) -> bool:
         return v
     if isinstance(v, (int, float)) and v in (0, 1):
         return bool(v)
-    s = str(v).strip().lower() if isinstance(v, str) else None
+    s = v.strip().lower() if isinstance(v, str) else None
     if s in TRUE or s in FALSE:
         return s in TRUE
     raise ValueError(f"not a boolean: {v!r}")
@@ -129,8 +129,8 @@ class WragConfig:
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")
         need(self.query_max_tokens >= 1, "query_max_tokens must be >= 1")
         need(self.max_upload_mb >= 1, "max_upload_mb must be >= 1")
-        need(self.kernel_backend in ("auto", "native", "torch", "triton"),
-             "kernel_backend must be one of auto, native, torch, triton")
+        from wrag_kernels.meta import BACKENDS
+        need(self.kernel_backend in ("auto", *BACKENDS), f"kernel_backend must be one of auto, {', '.join(BACKENDS)}")
         from ..compose import METHODS
         unknown = [m for m in self.request_methods if m not in METHODS]
         need(not unknown, f"request_methods: unknown method(s) {unknown}; known: {', '.join(METHODS)}")
