@@ -42,6 +42,8 @@ def test_cpu_bench_tiny_run(tmp_path):
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["cpu_simd"]
     assert all(r["rel_err"] < 1e-5 for r in data["rows"])
+    decode = [r for r in data["rows"] if r["seq_len"] == 1]
+    assert decode and all(r["rel_err_other"]["inductor"] < 1e-5 and "inductor" in r["ms"] for r in decode)
     assert all(r["limit_delta_vs_base"] > 0 and r["delta_vs_base"] > 0 for r in data["rows"])
     assert {"ours", "concat", "naive"} <= set(data["rows"][0]["ms"])
     assert (tmp_path / "t.png").stat().st_size > 0 and "ours/concat" in (tmp_path / "t.md").read_text()

@@ -125,20 +125,24 @@ def test_op_validates_slots_and_rows():
 
 
 def test_opcheck_custom_op():
-    """Schema, fake (meta) impl and functionalization of torch.ops.wrag.apply_delta."""
+    """Schema, fake (meta) impl and functionalization of torch.ops.wrag.apply_delta and of the
+    native backend's C++ op torch.ops.wrag.apply_delta_native."""
     p = make_problem("prefill", 2, torch.float32, poison=False)
     m = p.meta
     args = (p.y.clone(), p.x, p.a_pool, p.b_pool, p.slot_ranks, m.backend, m.graph_safe, *m.meta_args())
-    torch.library.opcheck(torch.ops.wrag.apply_delta.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.wrag.apply_delta.default, args, test_utils=utils)
+    n = make_problem("prefill", 2, torch.float32, poison=False, backend="native")
+    torch.library.opcheck(torch.ops.wrag.apply_delta_native.default,
+                          (n.y.clone(), n.x, n.a_pool, n.b_pool, n.slot_ranks, *n.meta.meta_args()), test_utils=utils)
 
 
-def _compiled_module_case(backend: str):
+def _compiled_module_case(backend: str, kernels: str):
     torch.manual_seed(0)
     S, R, d, f = 4, 8, 16, 32
     a, b = torch.randn(2, S, R, d) * 0.3, torch.randn(2, S, f, R) * 0.3
     ranks = torch.tensor([8, 4, 8, 2], dtype=torch.int32)
-    meta = DeltaMeta(16, 4, 2, "cpu")
+    meta = DeltaMeta(16, 4, 2, "cpu", backend=kernels)
 
     class GateUp(torch.nn.Module):
         def __init__(self):
@@ -169,23 +173,26 @@ def _compiled_module_case(backend: str):
     assert cnt.frame_count == 1, "in-place metadata updates must not recompile"
 
 
-def test_compile_fullgraph_aot_eager():
-    _compiled_module_case("aot_eager")
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_compile_fullgraph_aot_eager(kernels):
+    _compiled_module_case("aot_eager", kernels)
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_inductor():
-    _compiled_module_case("inductor")
+@pytest.mark.parametrize("kernels", ["native", "torch"])
+def test_compile_fullgraph_inductor(kernels):
+    _compiled_module_case("inductor", kernels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_groups_large_requests(dtype):
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_dense_groups_large_requests(dtype, backend):
     """Long requests sharing a shard list run as one dense rank-Σr adapter (contiguous and split
     groups); a small request goes to the slot buckets. All must match the reference."""
     reqs = [(40, [0, 1, 2], [0.5, 1.0, -0.75]), (3, [], []), (30, [0, 1, 2], [0.5, 1.0, -0.75]),
-            (50, [3, 4], [1.0, 0.25]), (2, [3, 4], [1.0, 0.5])]
+            (70, [3, 4], [1.0, 0.25]), (2, [3, 4], [1.0, 0.5])]
     ranks = [4, 2, 4, 8, 3, 8]
-    p = make_problem("prefill", 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24)
+    p = make_problem("prefill", 2, dtype, requests=reqs, ranks=ranks, R=8, d_in=32, d_out=24, backend=backend)
     info = p.meta.cpu.info.tolist()
     assert info[CPU_DENSE] == 2 and info[CPU_GROUPS] == 2      # two dense groups; slots 3, 4
     out = p.y.clone()

@@ -101,12 +101,41 @@ def test_resolver_retrieval_threshold_and_explicit(store_with_shards):
     assert p.weights == [0.5, 0.5] and p.source == "explicit"
     with pytest.raises(RequestError, match="unknown shard id 'x'"):
         r.resolve(None, parse_controls({"wrag_shards": ["med", "x"]}, cfg))
-    # rank budget: 2 rank-4 shards compose to rank ≤ 8 = max_rank: fine; with max_rank 6 refused
-    r2 = Resolver(WragConfig(store="", max_rank=6), store_with_shards)
+    # slot rank: 2 rank-4 shards compose to rank ≤ 8 = max_rank: fine; with max_rank 6 and no
+    # composite budget refused
+    r2 = Resolver(WragConfig(store="", max_rank=6, composite_rank=0), store_with_shards)
     with pytest.raises(RequestError, match="max_rank"):
         r2.resolve(None, parse_controls({"wrag_shards": ["med", "code"]}, cfg))
     # ...but linear with k ≤ k_max uses one slot per shard: fine
     assert r2.resolve(None, parse_controls({"wrag_shards": ["med", "code"], "wrag_method": "linear"}, cfg)).ids
+
+
+def test_composite_rank_budget(store_with_shards, tmp_path):
+    """The server's budget becomes compose's max_rank for composites only, capped at the slot rank,
+    never below the largest shard's rank; a request's own max_rank / energy win; k = 1 is exact."""
+    from wrag_vllm.serving.preparer import Preparer
+    from wrag_vllm.serving.resolver import Resolver
+    from wrag_vllm.shard import load_shard
+
+    both = {"wrag_shards": ["med", "code"]}
+    cfg = WragConfig(store=str(store_with_shards.root), max_rank=6, composite_rank=5)
+    r = Resolver(cfg, store_with_shards)
+    assert r.resolve(None, parse_controls(both, cfg)).params == {"max_rank": 5}
+    assert r.resolve(None, parse_controls({**both, "wrag_params": {"max_rank": 3}}, cfg)).params == {"max_rank": 3}
+    with pytest.raises(RequestError, match="max_rank 6"):   # energy bounds no rank: Σ r_i = 8 > 6
+        r.resolve(None, parse_controls({**both, "wrag_params": {"energy": 0.9}}, cfg))
+    assert r.resolve(None, parse_controls({**both, "wrag_method": "linear"}, cfg)).params == {}  # slots, no composite
+    low = WragConfig(store="", max_rank=6, composite_rank=2)   # below the shards' rank 4: rank 4
+    assert Resolver(low, store_with_shards).resolve(None, parse_controls(both, low)).params == {"max_rank": 4}
+    high = WragConfig(store="", max_rank=6, composite_rank=64)  # above the slot rank: the slot rank
+    p = Resolver(high, store_with_shards).resolve(None, parse_controls(both, high))
+    assert p.params == {"max_rank": 6}
+    prep = Preparer(high, tmp_path / "run", Resolver(high, store_with_shards))
+    assert load_shard(prep.prepare(p)[0].path).rank == 6    # rank 8 composite truncated to 6
+    one = r.resolve(None, parse_controls({"wrag_shards": ["med"]}, cfg))
+    got, want = load_shard(prep.prepare(one)[0].path), store_with_shards.load("med")
+    assert got.rank == 4 and all(torch.allclose(got.factors[k].delta(), want.factors[k].delta(), atol=1e-5)
+                                 for k in want.factors)
 
 
 def test_preparer_linear_slots_composite_and_removal(store_with_shards, tmp_path):
@@ -125,6 +154,50 @@ def test_preparer_linear_slots_composite_and_removal(store_with_shards, tmp_path
     store_with_shards.remove("med")
     with pytest.raises(WragError):
         prep.prepare(Plan(["med"], [1.0], "linear"))  # a removed shard is never prepared again
+
+
+def test_prepare_cached_only_for_written_payloads(store_with_shards, tmp_path):
+    """The engine loop's fast path: slots of a set whose payloads exist, the same prepare() gives;
+    None for a cold set, a busy store or a removed shard (prepare() then decides)."""
+    from wrag_vllm.serving.preparer import Preparer
+    from wrag_vllm.serving.resolver import Resolver
+
+    cfg = WragConfig(store=str(store_with_shards.root), k_max=2)
+    prep = Preparer(cfg, tmp_path / "run", Resolver(cfg, store_with_shards))
+    for plan in (Plan(["med", "code"], [0.6, 0.4], "linear"), Plan(["med", "code"], [0.6, 0.4], "svd-centered")):
+        assert prep.prepare_cached(plan) is None                      # nothing written yet
+        refs = prep.prepare(plan)
+        assert prep.prepare_cached(plan) == refs
+    assert prep.prepare_cached(Plan()) == []
+    with prep.resolver._lock:                                          # another thread holds the store
+        import threading
+        out = []
+        t = threading.Thread(target=lambda: out.append(prep.prepare_cached(plan)))
+        t.start(); t.join()
+        assert out == [None]
+    store_with_shards.remove("med")
+    assert prep.prepare_cached(Plan(["med"], [1.0], "linear")) is None
+
+
+def test_admission_admits_a_warm_set_on_arrival(store_with_shards, tmp_path):
+    from wrag_vllm.serving.admission import Admission
+    from wrag_vllm.serving.seal import ensure_key
+
+    ensure_key()
+    cfg = WragConfig(store=str(store_with_shards.root), k_max=2)
+    adm = Admission(cfg, str(tmp_path / "run"))
+    adm.resolver._store = store_with_shards
+    plan = Plan(["med"], [1.0], "linear")
+    sealed = {"wrag_plan": plan.sealed()}
+    assert adm.arrive("r1", _Req("r1"), sealed) is False and adm.pending["r1"].future is not None   # cold
+    assert [r.request_id for r in adm.poll(idle=True)] in (["r1"], [])
+    while adm.pending:
+        adm.poll(idle=True)
+    assert adm.arrive("r2", _Req("r2"), sealed) is False
+    p = adm.pending["r2"]
+    assert p.future is None and p.slots and p.keys == adm.inside["r1"]   # warm: ready without a thread
+    assert [r.request_id for r in adm.poll(idle=False)] == ["r2"]
+    adm.shutdown()
 
 
 # ------------------------------------------------------------------ admission (pool capacity)

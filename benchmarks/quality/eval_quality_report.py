@@ -14,7 +14,6 @@ def targets(out) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) rows."""
     rows = []
     r = out["retrieval"]["prompts"]
-    worst = min(DOMAINS, key=lambda d: r[d]["top1"])
     rows.append(("retrieval top-1 ≥ 95% on held-out prompts (every domain)",
                  ", ".join(f"{d} {_pct(r[d]['top1'])}" for d in DOMAINS), all(r[d]["top1"] >= 0.95 for d in DOMAINS)))
     p = out["perplexity"]
@@ -118,6 +117,20 @@ def markdown(out) -> str:
         for k, v in ab["variants"].items():
             L.append(f"| {k} | {v['trainable_params']:,} | {v['loss_first10']:.3f}→{v['loss_last10']:.3f} | "
                      f"{v['law_ppl']:.2f} | {v.get('general_ppl', float('nan')):.2f} | {v['train_seconds']} |")
+
+    rb = out.get("rank_budget")
+    if rb:
+        L += ["", "## Composite rank budget (svd-centered k = 3, truncated in factor space; recovered share of the "
+                  "oracle gain per domain)", "",
+              "top-3: every text's top-3 retrieved shards, server weights, no threshold (the k = 3 serving "
+              "workload); distractor: own shard 0.5 + two others 0.25.", "",
+              "| budget | composite rank | bytes vs no budget | top-3: " + " | top-3: ".join(DOMAINS) +
+              " | top-3 mean | distractor mean | distractor worst |", "|---" * 10 + "|"]
+        for lab, e in rb.items():
+            t3, di = e["top-3"], e["distractor"]
+            L.append(f"| {lab} | {e['composite_rank']} | {e['bytes_vs_unbudgeted']:.2f} | " +
+                     " | ".join(_pct(t3["per_domain"][d], 1) for d in DOMAINS) +
+                     f" | {_pct(t3['mean'], 1)} | {_pct(di['mean'], 1)} | {_pct(di['worst'], 1)} |")
 
     sw = out.get("sweep")
     if sw:

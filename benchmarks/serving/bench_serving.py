@@ -58,6 +58,8 @@ def parse(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--slots", type=int, default=64, help="WRAG device pool slots per FFN layer")
     p.add_argument("--max-rank", type=int, default=0, help="WRAG slot rank (default 3·rank)")
+    p.add_argument("--composite-rank", type=int, default=None,
+                   help="WRAG composite rank budget (default: the server's; 0 = none, rank Σ r_i)")
     p.add_argument("--eager", action="store_true", help="--enforce-eager on base and WRAG servers too")
     p.add_argument("--configs", default="base,wrag,lora1,loracat",
                    help="servers to run: base, wrag, lora1, loracat")
@@ -122,8 +124,11 @@ def prepare(args, work: Path):
 
 
 def wrag_cfg(args, work: Path) -> dict:
-    return {"store": str(work / "store"), "slots": args.slots, "max_rank": args.max_rank or 3 * args.rank,
-            "k_max": 4, "top_k": 3, "threshold": -1.0, "method": "svd-centered"}
+    cfg = {"store": str(work / "store"), "slots": args.slots, "max_rank": args.max_rank or 3 * args.rank,
+           "k_max": 4, "top_k": 3, "threshold": -1.0, "method": "svd-centered"}
+    if args.composite_rank is not None:
+        cfg["composite_rank"] = args.composite_rank
+    return cfg
 
 
 def server_common(args):
@@ -295,16 +300,19 @@ def check_plans(r, plans, name):
 def slots_per_step(name: str, args, env) -> tuple[int, int]:
     """(distinct slot payloads a decode step of `clients` concurrent requests reads, their rank)."""
     n, r = args.clients, args.rank
+    from wrag_vllm.serving.config import WragConfig
+    cfg = WragConfig.from_sources({"wrag": wrag_cfg(args, Path("."))}, environ={})
+    rc = min(3 * r, max(min(cfg.composite_rank, cfg.max_rank), r)) if cfg.composite_rank else 3 * r
     if name == "wrag-k1":
         return n, r
     if name == "wrag-k3-linear":
         return 3 * n, r
     if name == "wrag-k3-svd":
-        return n, 3 * r                       # one composite of rank Σ r_i per request
+        return n, rc                          # one composite of rank min(Σ r_i, the budget) per request
     if name == "wrag-shared":                 # expected distinct sets among n Zipf draws
         z = [1 / (i + 1) for i in range(SHARED_SETS)]
         p = [x / sum(z) for x in z]
-        return max(1, round(sum(1 - (1 - q) ** n for q in p))), 3 * r
+        return max(1, round(sum(1 - (1 - q) ** n for q in p))), rc
     return 0, 0
 
 

@@ -17,12 +17,22 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t PB = 4;   // pairs (tokens) that share each load of a factor row
+// Work below this many multiply-adds per call runs on the calling thread (WRAG_NATIVE_PAR_MIN_MACS
+// overrides it; 0 = always parallel).
+inline int64_t par_min_macs() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("WRAG_NATIVE_PAR_MIN_MACS");
+    return e ? std::atoll(e) : int64_t(1) << 16;
+  }();
+  return v;
+}
 
 inline float f32(float v) { return v; }
 inline float f32(double v) { return static_cast<float>(v); }
@@ -70,13 +80,20 @@ void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, co
                 "delta_cpu_native: a slot row's pairs are outside pair_tok");
     num_pairs = std::max(num_pairs, rows[g * 5 + 2]);
   }
-  // h (num_pairs, n, R) fp32, indexed by pair (padding positions are never read).
-  std::vector<float> h_buf(static_cast<size_t>(num_pairs * n * R));
+  // h (num_pairs, n, R) fp32, indexed by pair (padding positions are never read): scratch of this
+  // thread, grown to the largest step seen and reused by every layer's call.
+  static thread_local std::vector<float> h_buf;
+  if (h_buf.size() < static_cast<size_t>(num_pairs * n * R)) h_buf.resize(static_cast<size_t>(num_pairs * n * R));
   float* H = h_buf.data();
+  // Small work runs on the calling thread (par_min_macs): a fork/join of the OpenMP team costs more
+  // than it saves, and on a loaded host a descheduled team thread stalls the join.
+  int64_t macs = 0;
+  for (int64_t g = 0; g < num_rows; ++g) macs += rows[g * 5 + 3] * ranks[rows[g * 5]] * n * (d_in + d_out);
+  const int64_t grain_rows = macs < par_min_macs() ? num_rows + 1 : 1;
 
   // 1. shrink: dot products of length d_in per (pair, slice, rank row); PB pairs share each load
   // of an A row.
-  at::parallel_for(0, num_rows, 1, [&](int64_t g0, int64_t g1) {
+  at::parallel_for(0, num_rows, grain_rows, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t s = rows[g * 5], p0 = rows[g * 5 + 1], c = rows[g * 5 + 3];
       const int64_t r = ranks[s];
@@ -115,15 +132,20 @@ void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, co
   // 2. expand, per block of one slice's output columns: for PB pairs at a time, r axpy's along
   // the block into fp32 accumulators (each B element loaded once for the PB pairs), then added to
   // the pairs' rows of y once.
+  // Blocks of ≤ COLS columns, at least two per thread over all slices and of equal width (a
+  // multiple of 16), so the threads get equal shares (576 columns: 4 × 144, not 512 + 64).
   constexpr int64_t COLS = 512;
-  const int64_t blocks_per_slice = (d_out + COLS - 1) / COLS;
-  at::parallel_for(0, n * blocks_per_slice, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc_buf(static_cast<size_t>(PB * COLS));
+  const int64_t want = std::max<int64_t>((d_out + COLS - 1) / COLS, (2 * at::get_num_threads() + n - 1) / n);
+  const int64_t width = std::min<int64_t>(COLS, ((d_out + want - 1) / want + 15) / 16 * 16);
+  const int64_t blocks_per_slice = (d_out + width - 1) / width;
+  at::parallel_for(0, n * blocks_per_slice, macs < par_min_macs() ? n * blocks_per_slice + 1 : 1,
+                   [&](int64_t b0, int64_t b1) {
+    static thread_local std::vector<float> acc_buf(static_cast<size_t>(PB * COLS));
     float* acc[PB];
     for (int64_t q = 0; q < PB; ++q) acc[q] = acc_buf.data() + q * COLS;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i = blk / blocks_per_slice, o0 = (blk % blocks_per_slice) * COLS;
-      const int64_t nc = std::min(COLS, d_out - o0);
+      const int64_t i = blk / blocks_per_slice, o0 = (blk % blocks_per_slice) * width;
+      const int64_t nc = std::min(width, d_out - o0);
       for (int64_t g = 0; g < num_rows; ++g) {
         const int64_t s = rows[g * 5], p0 = rows[g * 5 + 1], c = rows[g * 5 + 3];
         const int64_t r = ranks[s];
@@ -181,6 +203,67 @@ void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, co
   });
 }
 
+// Dense groups (cpu.py "dense group"): requests sharing one shard list with many tokens, as
+// one rank-Σr adapter through ATen's GEMMs (BLAS wins at these sizes). Same math as cpu.py's
+// _dense_per_slot_expand (fp32) and _dense_concat (bf16/fp16).
+void dense_groups(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                  const int32_t* ranks, const at::Tensor& cplan, const at::Tensor& cslots,
+                  const at::Tensor& cweights, const at::Tensor& ctok, int64_t num_dense) {
+  const int64_t n_slices = a_pool.size(0), d_in = a_pool.size(3), d_out = b_pool.size(2), K = cslots.size(1);
+  const int64_t* cp = cplan.data_ptr<int64_t>();
+  const int64_t* cs = cslots.data_ptr<int64_t>();
+  const double* cw = cweights.data_ptr<double>();
+  at::Tensor yv = y.view({y.size(0), n_slices, d_out});
+  for (int64_t g = 0; g < num_dense; ++g) {
+    const int64_t tb = cp[g * 3], cb = cp[g * 3 + 1], ce = cp[g * 3 + 2];
+    int64_t k = 0;
+    while (k < K && cs[g * K + k] >= 0) ++k;                 // entries are packed at the front
+    std::vector<int64_t> used_j, used_s, used_r;
+    std::vector<double> used_w;
+    int64_t r_eff = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = cs[g * K + j], r = ranks[s];
+      if (r <= 0) continue;
+      used_j.push_back(j); used_s.push_back(s); used_r.push_back(r); used_w.push_back(cw[g * K + j]);
+      r_eff = std::max(r_eff, r);
+    }
+    if (used_s.empty()) continue;
+    const int64_t n = ce - cb;
+    at::Tensor idx, xs, ys;
+    if (tb >= 0) {
+      xs = x.narrow(0, tb, n);
+      ys = yv.narrow(0, tb, n);                              // (n, ns, d_out) view: updated in place
+    } else {
+      idx = ctok.narrow(0, cb, n);
+      xs = x.index_select(0, idx);
+      ys = at::zeros({n, n_slices, d_out}, y.options());     // accumulated, then added to y's rows
+    }
+    if (x.scalar_type() == at::kFloat) {
+      at::Tensor sl = cslots.select(0, g).narrow(0, 0, k);
+      at::Tensor a_cat = a_pool.narrow(2, 0, r_eff).transpose(0, 1).index_select(0, sl);   // (k, ns, R_eff, d_in)
+      at::Tensor h = at::mm(xs, a_cat.reshape({-1, d_in}).t()).view({n, k, n_slices, r_eff});
+      at::Tensor yt = ys.transpose(0, 1);                    // (ns, n, d_out)
+      for (size_t u = 0; u < used_s.size(); ++u) {
+        const int64_t r = used_r[u];
+        yt.baddbmm_(h.select(1, used_j[u]).narrow(-1, 0, r).transpose(0, 1),
+                    b_pool.select(1, used_s[u]).narrow(-1, 0, r).transpose(1, 2), 1.0, used_w[u]);
+      }
+    } else {
+      std::vector<at::Tensor> as, bs, ws;
+      for (size_t u = 0; u < used_s.size(); ++u) {
+        as.push_back(a_pool.select(1, used_s[u]).narrow(1, 0, used_r[u]));          // (ns, r, d_in)
+        bs.push_back(b_pool.select(1, used_s[u]).narrow(2, 0, used_r[u]));          // (ns, d_out, r)
+        ws.push_back(at::full({used_r[u]}, used_w[u], x.options()));
+      }
+      at::Tensor a_cat = at::cat(as, 1), b_cat = at::cat(bs, 2), w_col = at::cat(ws);
+      const int64_t sum_r = w_col.numel();
+      at::Tensor h = at::mm(xs, a_cat.reshape({-1, d_in}).t()).view({n, n_slices, sum_r}).mul_(w_col);
+      ys.transpose(0, 1).baddbmm_(h.transpose(0, 1), b_cat.transpose(1, 2));
+    }
+    if (tb < 0) y.index_add_(0, idx, ys.view({n, -1}));
+  }
+}
+
 }  // namespace
 
 void delta_cpu_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
@@ -193,6 +276,44 @@ void delta_cpu_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_poo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "delta_cpu_native", [&] {
     delta_impl<scalar_t>(y, x, a_pool, b_pool, slot_ranks, plan, num_rows, pair_tok, pair_w);
   });
+}
+
+// torch.ops.wrag.apply_delta_native: the whole op of one projection call on the native backend, with
+// no Python on the path (its schema and fake are defined in ops.py, from MetaArgs; the argument
+// order below is MetaArgs'). Host tables are read here, on the host: host_info = [active, tokens,
+// seqs, max_seq_len, max_slot] (meta.py), cpu_info = [groups, pairs, dense, buckets, …] (cpu.py).
+void apply_delta_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+                        const at::Tensor& slot_ranks, const at::Tensor& token_slots, const at::Tensor& token_weights,
+                        const at::Tensor& seq_start, const at::Tensor& seq_slots, const at::Tensor& seq_weights,
+                        const at::Tensor& host_info, const at::Tensor& pair_tok, const at::Tensor& pair_w,
+                        const at::Tensor& plan, const at::Tensor& cplan, const at::Tensor& cslots,
+                        const at::Tensor& cweights, const at::Tensor& ctok, const at::Tensor& cpu_info) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && a_pool.dim() == 4 && b_pool.dim() == 4,
+              "expected y (T, n_slices*d_out), x (T, d_in), a_pool (n, S, R, d_in), b_pool (n, S, d_out, R)");
+  const int64_t n = a_pool.size(0), S = a_pool.size(1), R = a_pool.size(2), d_in = a_pool.size(3), T = x.size(0);
+  TORCH_CHECK_VALUE(b_pool.size(0) == n && b_pool.size(1) == S && b_pool.size(3) == R, "b_pool ", b_pool.sizes(),
+              " does not match a_pool ", a_pool.sizes());
+  TORCH_CHECK_VALUE(x.size(1) == d_in && y.size(0) == T && y.size(1) == n * b_pool.size(2), "shapes y ", y.sizes(),
+              ", x ", x.sizes(), " do not match the pools");
+  TORCH_CHECK_VALUE(slot_ranks.dim() == 1 && slot_ranks.size(0) == S && slot_ranks.scalar_type() == at::kInt,
+              "slot_ranks must be int32 of shape (", S, ",)");
+  TORCH_CHECK_VALUE(x.scalar_type() == y.scalar_type() && x.scalar_type() == a_pool.scalar_type() &&
+              x.scalar_type() == b_pool.scalar_type(), "y, x, a_pool and b_pool must share one dtype");
+  TORCH_CHECK_VALUE(T <= token_slots.size(0), "batch has ", T, " rows but DeltaMeta(max_tokens=", token_slots.size(0), ")");
+  const int64_t* info = host_info.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(T >= info[1], "batch has ", T, " rows but DeltaMeta holds ", info[1], " tokens");
+  TORCH_CHECK_VALUE(info[4] < S, "slot ", info[4], " is outside the pool of ", S, " slots");
+  if (!info[0] || T == 0) return;                            // early exit: no token has a slot
+  const int64_t* ci = cpu_info.data_ptr<int64_t>();
+  const int32_t* ranks = slot_ranks.data_ptr<int32_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK_VALUE(ranks[s] >= 0 && ranks[s] <= R, "slot ", s, " has rank ", ranks[s],
+                                              " outside 0..", R);
+  if (ci[2]) dense_groups(y, x, a_pool, b_pool, ranks, cplan, cslots, cweights, ctok, ci[2]);
+  if (ci[0]) delta_cpu_native(y, x, a_pool, b_pool, slot_ranks, plan, ci[0], pair_tok, pair_w);
+}
+
+TORCH_LIBRARY_IMPL(wrag, CPU, m) {
+  m.impl("apply_delta_native", &apply_delta_native);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

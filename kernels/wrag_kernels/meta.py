@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import native
@@ -153,8 +154,9 @@ class DeltaMeta:
         h_seq_w[:ns, :k] = weights
         h_start = torch.full((self.max_seqs + 1,), T, dtype=torch.int32)    # padding seqs: empty at T
         h_start[: ns + 1] = qsl.to(torch.int32)
-        tok_slots = h_seq_slots[:ns].repeat_interleave(lens, dim=0)        # (T, K)
-        tok_w = h_seq_w[:ns].repeat_interleave(lens, dim=0)                # (T, K)
+        reps = lens.numpy()
+        tok_slots = torch.from_numpy(np.repeat(h_seq_slots[:ns].numpy(), reps, axis=0))   # (T, K)
+        tok_w = torch.from_numpy(np.repeat(h_seq_w[:ns].numpy(), reps, axis=0))           # (T, K)
         h_tok_slots = torch.full((self.max_tokens, K), -1, dtype=torch.int32)
         h_tok_w = torch.zeros((self.max_tokens, K), dtype=torch.float32)
         h_tok_slots[:T] = tok_slots

@@ -2,8 +2,10 @@
 
 torch.utils.cpp_extension compiles it with -O3 -march=native and OpenMP into a build folder keyed
 by the source, torch's version and the CPU's flags (~/.cache/wrag_kernels/, or
-$WRAG_KERNELS_CACHE), so a second process, or a second run, loads it in milliseconds. Where no
+$WRAG_KERNELS_CACHE), so a second process, or a second run, loads it in milliseconds. Loading it
+registers the CPU kernel of torch.ops.wrag.apply_delta_native (defined in ops.py). Where no
 compiler works, `load()` returns None after one warning and the torch path (cpu.py) serves.
+WRAG_NATIVE_PAR_MIN_MACS (default 65536): calls with fewer multiply-adds run on one thread.
 """
 from __future__ import annotations
 

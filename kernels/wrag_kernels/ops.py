@@ -1,11 +1,12 @@
-"""The custom op `torch.ops.wrag.apply_delta` and its backends.
+"""The custom ops `torch.ops.wrag.apply_delta` / `apply_delta_native` and their backends.
 
 Semantics, per token t of a mixed batch and slice i of the projection:
     y_t[i] += Σ_{j<K} w_{t,j} · B[i, s(t,j)] · (A[i, s(t,j)] · x_t)        s = −1 → nothing
 The backend is the one DeltaMeta chose at construction: "triton" (CUDA; SGMV for prefill, BGMV
-for decode), "native" (the C++ op of kernels/csrc/delta_cpu.cpp over the slot rows of cpu.py's
-plan) or "torch" (cpu.py's plan run with torch ops: the readable reference of the CPU path). The op is opaque to torch.compile (its fake
-gives no outputs: it mutates y in place), and every metadata input is a fixed-size buffer of
+for decode), "native" (its own op, `apply_delta_native`, whose CPU kernel is the C++ of
+kernels/csrc/delta_cpu.cpp over cpu.py's plan: no Python on the call) or "torch" (cpu.py's plan
+run with torch ops: the readable reference of the CPU path). The ops are opaque to torch.compile (their fakes
+give no outputs: they mutate y in place), and every metadata input is a fixed-size buffer of
 DeltaMeta, so compiled graphs and CUDA graphs see new metadata through in-place updates without
 retracing. Outside graph-safe mode, host-side decisions (early exit when no token has a slot,
 SGMV vs BGMV, validation) read `host_info`, a CPU tensor, so they never sync with the device. In
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
-from .cpu import CPU_GROUPS, delta_cpu, dense_groups
+from .cpu import delta_cpu
 from .meta import INFO_ACTIVE, INFO_MAX_SEQ_LEN, INFO_MAX_SLOT, INFO_TOKENS, DeltaMeta, MetaArgs
 
 
@@ -68,12 +68,8 @@ def _apply_delta_impl(
     _check(y, x, a_pool, b_pool, slot_ranks, m.token_slots.shape[0], info)
     if not info[INFO_ACTIVE] or x.shape[0] == 0:
         return                                      # early exit: no token has a slot
-    if backend == "native":   # dense groups as torch GEMMs, every slot row in one native call
-        cpu_info = m.cpu_info.tolist()
-        dense_groups(y, x, a_pool, b_pool, slot_ranks, m.cplan, m.cslots, m.cweights, m.ctok, cpu_info)
-        if cpu_info[CPU_GROUPS]:
-            native.load().delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.plan, cpu_info[CPU_GROUPS],
-                                    m.pair_tok, m.pair_w)
+    if backend == "native":
+        torch.ops.wrag.apply_delta_native(y, x, a_pool, b_pool, slot_ranks, *meta_args)
         return
     if backend == "torch":
         delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.pair_tok, m.pair_w, m.plan, m.cplan, m.cslots,
@@ -98,6 +94,13 @@ _LIB.define("apply_delta" + _SCHEMA)
 for _key in ("CPU", "CUDA"):
     _LIB.impl("apply_delta", _apply_delta_impl, _key)
 torch.library.register_fake("wrag::apply_delta", _apply_delta_fake, lib=_LIB)
+# The native backend's op: its CPU kernel is C++ (apply_delta_native in kernels/csrc/delta_cpu.cpp,
+# registered when native.load() loads the library), so a call from eager code or from a compiled
+# graph runs no Python past the dispatcher: validation, the early exit, the dense groups (ATen
+# GEMMs) and the slot rows are all in the kernel.
+_LIB.define("apply_delta_native(Tensor(a!) y, Tensor x, Tensor a_pool, Tensor b_pool, Tensor slot_ranks, "
+            + ", ".join(f"Tensor {f}" for f in MetaArgs._fields) + ") -> ()")
+torch.library.register_fake("wrag::apply_delta_native", _apply_delta_fake, lib=_LIB)
 
 
 def _triton_interpreting() -> bool:
@@ -140,7 +143,11 @@ def apply_delta(
 ) -> None:
     """y += Σ_j w_j · B_j · (A_j · x) per token, in place, on meta's backend.
 
-    Under torch.compile this goes through torch.ops.wrag.apply_delta (opaque, fake impl); in eager
-    mode the implementation is called directly, skipping the dispatcher's Python layers."""
+    The native backend calls its C++ op. The others go through torch.ops.wrag.apply_delta under
+    torch.compile (opaque, fake impl); in eager mode its implementation is called directly,
+    skipping the dispatcher's Python layers."""
+    if meta.backend == "native":
+        torch.ops.wrag.apply_delta_native(y, x, a_pool, b_pool, slot_ranks, *meta.meta_args())
+        return
     op = _apply_delta_impl if not torch.compiler.is_compiling() else torch.ops.wrag.apply_delta
     op(y, x, a_pool, b_pool, slot_ranks, meta.backend, meta.graph_safe, *meta.meta_args())

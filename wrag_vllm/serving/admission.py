@@ -2,7 +2,9 @@
 
 A request enters vLLM's own scheduler only once
   1. its shard set is prepared (retrieval if needed, composition, payload files) — done in a thread
-     pool, so the engine loop keeps stepping the other requests meanwhile; and
+     pool, so the engine loop keeps stepping the other requests meanwhile, except when every
+     payload of a sealed plan is already written (Preparer.prepare_cached: a catalog read per
+     shard), which is done on arrival so the request is admitted in the same step; and
   2. the distinct slot payloads of all requests inside vLLM's scheduler, plus its own, fit the
      device pool:   |⋃_r keys(r)| ≤ S.
 Requests that do not fit wait here (FIFO; a waiting request needing new keys also holds back
@@ -89,9 +91,20 @@ class Admission:
             self.inside[req_id] = frozenset()
             return True
         p = _Pending(req_id, request)
-        p.future = self.pool.submit(self._prepare, request, extra_args or {}, sealed)
+        slots = self.preparer.prepare_cached(sealed) if sealed is not None else None
+        if slots is not None:          # warm set: ready now, admitted by the next poll (this step)
+            self._ready(p, sealed, slots)
+        else:
+            p.future = self.pool.submit(self._prepare, request, extra_args or {}, sealed)
         self.pending[req_id] = p
         return False
+
+    def _ready(self, p: _Pending, plan: Plan, slots: list[SlotRef]) -> None:
+        p.slots = slots
+        p.keys = frozenset(s.key for s in slots)
+        self._attach(p.request, plan, slots)
+        if self.stats is not None:
+            self.stats.prepared(time.perf_counter() - p.t0, len(slots))
 
     def _check_arrival(self, extra_args: dict) -> Plan | None:
         """The sealed plan of the front end, or None (the engine resolves the request itself)."""
@@ -129,7 +142,7 @@ class Admission:
     def poll(self, idle: bool) -> list[object]:
         """Requests ready to enter vLLM's scheduler, in arrival order. `idle`: vLLM has nothing to
         run, so waiting briefly for a preparation costs nobody anything."""
-        if idle and self.pending and not any(p.future.done() for p in self.pending.values()):
+        if idle and self.pending and not any(p.slots is not None or p.future.done() for p in self.pending.values()):
             wait([p.future for p in self.pending.values()], timeout=0.01, return_when=FIRST_COMPLETED)
         out = []
         in_use = set().union(*self.inside.values()) if self.inside else set()
@@ -144,11 +157,7 @@ class Admission:
                     del self.pending[req_id]
                     self.refuse(p.request, f"preparing its shard set failed: {e}")
                     continue
-                p.slots = slots
-                p.keys = frozenset(s.key for s in slots)
-                self._attach(p.request, plan, slots)
-                if self.stats is not None:
-                    self.stats.prepared(time.perf_counter() - p.t0, len(slots))
+                self._ready(p, plan, slots)
             new = p.keys - in_use
             if new and (blocked or len(in_use) + len(new) > self.cfg.slots):
                 blocked = True

@@ -50,6 +50,10 @@ class WragConfig:
     method_params: dict = field(default_factory=dict)
     slots: int = 8                 # device pool slots per FFN layer (S)
     max_rank: int = 64             # rank per slot (R); a composite of rank > R is refused
+    # rank budget of a composite (compose's max_rank, truncated in factor space) unless the request
+    # sets max_rank / energy; capped at max_rank; 0 = none (rank Σ r_i). The default and its
+    # measurement: docs/decisions.md
+    composite_rank: int = 12
     k_max: int = 4                 # slots a single sequence may use at once (linear method)
     host_cache_mb: int = 1024      # worker host-memory cache of slot payloads
     composition_cache_mb: int = 1024
@@ -73,6 +77,7 @@ class WragConfig:
         "WRAG_MAX_TOP_K": "max_top_k", "WRAG_THRESHOLD": "threshold",
         "WRAG_TEMPERATURE": "temperature", "WRAG_METHOD": "method",
         "WRAG_METHOD_PARAMS": "method_params", "WRAG_SLOTS": "slots", "WRAG_MAX_RANK": "max_rank",
+        "WRAG_COMPOSITE_RANK": "composite_rank",
         "WRAG_K_MAX": "k_max", "WRAG_HOST_CACHE_MB": "host_cache_mb",
         "WRAG_COMPOSITION_CACHE_MB": "composition_cache_mb",
         "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_KERNEL_BACKEND": "kernel_backend",
@@ -124,6 +129,7 @@ class WragConfig:
         need(math.isfinite(self.temperature) and self.temperature > 0, "temperature must be > 0")
         need(self.slots >= 1, "slots must be >= 1")
         need(self.max_rank >= 1, "max_rank must be >= 1")
+        need(self.composite_rank >= 0, "composite_rank must be >= 0 (0 = no budget)")
         need(1 <= self.k_max <= self.slots, "k_max must be in 1..slots (one sequence's shards must fit the pool)")
         need(self.prepare_threads >= 1, "prepare_threads must be >= 1")
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")

@@ -6,6 +6,12 @@ Retrieved shards (cosine scores c_1 ≥ … ≥ c_k from ShardStore.search, kept
 
 Explicit shards (wrag_shards) take wrag_weights as given, else equal weights 1/k.
 
+A composite (any k for svd-centered; k > k_max for linear) gets the server's rank budget
+`composite_rank` as compose's `max_rank`, unless the request sets max_rank or energy itself, and
+never below its largest shard's rank (one shard is served exactly): it is truncated in factor space
+to its best approximation of that rank, so a step reads budget·(d_in + d_out) factor elements per
+projection for it instead of Σ r_i·(d_in + d_out).
+
 The Plan (plan.py) travels with the request to the engine core, which turns it into slot
 payloads (admission.py + preparer.py).
 
@@ -100,6 +106,18 @@ class Resolver:
             store.refresh()
             return fn(store)
 
+    def try_with_store(self, fn):
+        """Like with_store, but None at once when another thread holds the store (callers on the
+        engine loop must not wait for a retrieval or a composition)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            store = self.store
+            store.refresh()
+            return fn(store)
+        finally:
+            self._lock.release()
+
     def composite_needed(self, method: str, k: int) -> bool:
         return not (method == "linear" and k <= self.cfg.k_max)
 
@@ -125,7 +143,8 @@ class Resolver:
                     except Exception:
                         raise RequestError(f"wrag_shards: unknown shard id {i!r}", "wrag_shards") from None
                 weights = list(c.weights) if c.weights is not None else [1.0 / len(ids)] * len(ids) if ids else []
-                self._check_ranks(ids, metas, method)
+                params = self._budget(params, [self._rank(m) for m in metas], method)
+                self._check_ranks(ids, metas, method, params)
                 return Plan(ids, weights, method, params, [], "explicit" if ids else "off", gen)
             if not text:
                 return Plan(method=method, params=params, source="none", generation=gen)
@@ -137,32 +156,48 @@ class Resolver:
             if not hits:
                 return Plan(method=method, params=params, source="none", generation=gen)
             metas = [store.get_meta(i) for i, _ in hits]
-            hits = self._fit_ranks(hits, metas, method)
+            rank_of = {i: self._rank(m) for (i, _), m in zip(hits, metas)}
+            hits = self._fit_ranks(hits, metas, method, params)
+            params = self._budget(params, [rank_of[i] for i, _ in hits], method)
             ids = [i for i, _ in hits]
             scores = [s for _, s in hits]
             return Plan(ids, softmax_weights(scores, cfg.temperature), method, params, scores, "retrieved", gen)
 
-    # ranks: a slot holds rank ≤ max_rank; a composite of k shards has rank ≤ Σ r_i
+    # ranks: a slot holds rank ≤ max_rank; a composite of k shards has rank ≤ min(Σ r_i, its max_rank)
     def _rank(self, meta: dict) -> int:
         return int(meta.get("rank", 0) or 0)
 
-    def _check_ranks(self, ids, metas, method) -> None:
+    def _budget(self, params: dict, ranks: list[int], method: str) -> dict:
+        """params with the server's rank budget as max_rank, for a composite whose request set neither
+        max_rank nor energy. At most the slot rank (max_rank), never below the set's largest shard rank
+        (one shard is served exactly)."""
+        if not (self.cfg.composite_rank and ranks and self.composite_needed(method, len(ranks))) \
+                or params.get("max_rank") is not None or params.get("energy") is not None:
+            return params
+        return {**params, "max_rank": max(min(self.cfg.composite_rank, self.cfg.max_rank), max(ranks))}
+
+    def _composite_rank(self, ranks: list[int], params: dict, method: str) -> int:
+        cap = self._budget(params, ranks, method).get("max_rank")
+        return sum(ranks) if cap is None else min(sum(ranks), int(cap))
+
+    def _check_ranks(self, ids, metas, method, params) -> None:
         R = self.cfg.max_rank
         ranks = [self._rank(m) for m in metas]
         if self.composite_needed(method, len(ids)):
-            if sum(ranks) > R:
+            if self._composite_rank(ranks, params, method) > R:
                 raise RequestError(f"wrag_shards: total rank {sum(ranks)} of the composition exceeds the "
-                                   f"server's max_rank {R} (use fewer shards, or method 'linear' with at "
-                                   f"most {self.cfg.k_max} shards)", "wrag_shards")
+                                   f"server's max_rank {R} (use fewer shards, a max_rank ≤ {R} in wrag_params, "
+                                   f"or method 'linear' with at most {self.cfg.k_max} shards)", "wrag_shards")
         else:
             for i, r in zip(ids, ranks):
                 if r > R:
                     raise RequestError(f"shard {i!r} has rank {r} > the server's max_rank {R}", "wrag_shards")
 
-    def _fit_ranks(self, hits, metas, method):
+    def _fit_ranks(self, hits, metas, method, params):
         """Retrieval: drop the lowest-scored shards until the set fits the pool's rank."""
         R = self.cfg.max_rank
         keep = [(h, self._rank(m)) for h, m in zip(hits, metas) if self._rank(m) <= R]
-        while keep and self.composite_needed(method, len(keep)) and sum(r for _, r in keep) > R:
+        while keep and self.composite_needed(method, len(keep)) and \
+                self._composite_rank([r for _, r in keep], params, method) > R:
             keep.pop()
         return [h for h, _ in keep]
