@@ -127,6 +127,8 @@ def test_composite_rank_budget(store_with_shards, tmp_path):
     assert r.resolve(None, parse_controls({**both, "wrag_method": "linear"}, cfg)).params == {}  # slots, no composite
     low = WragConfig(store="", max_rank=6, composite_rank=2)   # below the shards' rank 4: rank 4
     assert Resolver(low, store_with_shards).resolve(None, parse_controls(both, low)).params == {"max_rank": 4}
+    fits = WragConfig(store="", max_rank=16, composite_rank=12)  # Σ r_i = 8 within the budget: untouched
+    assert Resolver(fits, store_with_shards).resolve(None, parse_controls(both, fits)).params == {}
     high = WragConfig(store="", max_rank=6, composite_rank=64)  # above the slot rank: the slot rank
     p = Resolver(high, store_with_shards).resolve(None, parse_controls(both, high))
     assert p.params == {"max_rank": 6}

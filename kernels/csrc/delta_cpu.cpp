@@ -24,11 +24,11 @@
 namespace {
 
 constexpr int64_t PB = 4;   // pairs (tokens) that share each load of a factor row
-// Work below this many multiply-adds per call runs on the calling thread (WRAG_NATIVE_PAR_MIN_MACS
-// overrides it; 0 = always parallel).
-inline int64_t par_min_macs() {
+// Calls reading fewer factor elements than this run on the calling thread
+// (WRAG_NATIVE_PAR_MIN_ELEMS overrides it; 0 = always parallel).
+inline int64_t par_min_elems() {
   static const int64_t v = [] {
-    const char* e = std::getenv("WRAG_NATIVE_PAR_MIN_MACS");
+    const char* e = std::getenv("WRAG_NATIVE_PAR_MIN_ELEMS");
     return e ? std::atoll(e) : int64_t(1) << 16;
   }();
   return v;
@@ -85,11 +85,12 @@ void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, co
   static thread_local std::vector<float> h_buf;
   if (h_buf.size() < static_cast<size_t>(num_pairs * n * R)) h_buf.resize(static_cast<size_t>(num_pairs * n * R));
   float* H = h_buf.data();
-  // Small work runs on the calling thread (par_min_macs): a fork/join of the OpenMP team costs more
+  // Small work runs on the calling thread (par_min_elems): a fork/join of the OpenMP team costs more
   // than it saves, and on a loaded host a descheduled team thread stalls the join.
-  int64_t macs = 0;
-  for (int64_t g = 0; g < num_rows; ++g) macs += rows[g * 5 + 3] * ranks[rows[g * 5]] * n * (d_in + d_out);
-  const int64_t grain_rows = macs < par_min_macs() ? num_rows + 1 : 1;
+  int64_t elems = 0;                                        // factor elements this call reads
+  for (int64_t g = 0; g < num_rows; ++g) elems += ranks[rows[g * 5]] * n * (d_in + d_out);
+  const bool serial = elems < par_min_elems();
+  const int64_t grain_rows = serial ? num_rows + 1 : 1;
 
   // 1. shrink: dot products of length d_in per (pair, slice, rank row); PB pairs share each load
   // of an A row.
@@ -138,7 +139,7 @@ void delta_impl(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, co
   const int64_t want = std::max<int64_t>((d_out + COLS - 1) / COLS, (2 * at::get_num_threads() + n - 1) / n);
   const int64_t width = std::min<int64_t>(COLS, ((d_out + want - 1) / want + 15) / 16 * 16);
   const int64_t blocks_per_slice = (d_out + width - 1) / width;
-  at::parallel_for(0, n * blocks_per_slice, macs < par_min_macs() ? n * blocks_per_slice + 1 : 1,
+  at::parallel_for(0, n * blocks_per_slice, serial ? n * blocks_per_slice + 1 : 1,
                    [&](int64_t b0, int64_t b1) {
     static thread_local std::vector<float> acc_buf(static_cast<size_t>(PB * COLS));
     float* acc[PB];
@@ -266,7 +267,7 @@ void dense_groups(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pool, 
 
 }  // namespace
 
-void delta_cpu_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
+static void delta_cpu_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_pool, const at::Tensor& b_pool,
                       const at::Tensor& slot_ranks, const at::Tensor& plan, int64_t num_rows,
                       const at::Tensor& pair_tok, const at::Tensor& pair_w) {
   TORCH_CHECK(x.is_cpu() && y.is_cpu() && a_pool.is_contiguous(), "delta_cpu_native: CPU tensors, contiguous a_pool");
@@ -300,10 +301,14 @@ void apply_delta_native(at::Tensor y, const at::Tensor& x, const at::Tensor& a_p
   TORCH_CHECK_VALUE(x.scalar_type() == y.scalar_type() && x.scalar_type() == a_pool.scalar_type() &&
               x.scalar_type() == b_pool.scalar_type(), "y, x, a_pool and b_pool must share one dtype");
   TORCH_CHECK_VALUE(T <= token_slots.size(0), "batch has ", T, " rows but DeltaMeta(max_tokens=", token_slots.size(0), ")");
+  TORCH_CHECK_VALUE(slot_ranks.is_contiguous() && host_info.is_contiguous() && cpu_info.is_contiguous() &&
+                    plan.is_contiguous() && cplan.is_contiguous() && cslots.is_contiguous() &&
+                    cweights.is_contiguous() && pair_tok.is_contiguous() && pair_w.is_contiguous(),
+                    "slot_ranks and DeltaMeta's tables must be contiguous");
   const int64_t* info = host_info.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(T >= info[1], "batch has ", T, " rows but DeltaMeta holds ", info[1], " tokens");
   TORCH_CHECK_VALUE(info[4] < S, "slot ", info[4], " is outside the pool of ", S, " slots");
-  if (!info[0] || T == 0) return;                            // early exit: no token has a slot
+  if (!info[0] || T == 0 || n == 0 || b_pool.size(2) == 0) return;   // early exit: no token has a slot
   const int64_t* ci = cpu_info.data_ptr<int64_t>();
   const int32_t* ranks = slot_ranks.data_ptr<int32_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK_VALUE(ranks[s] >= 0 && ranks[s] <= R, "slot ", s, " has rank ", ranks[s],
@@ -316,6 +321,6 @@ TORCH_LIBRARY_IMPL(wrag, CPU, m) {
   m.impl("apply_delta_native", &apply_delta_native);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("delta_cpu", &delta_cpu_native, "the slot rows of the multi-shard FFN delta of one projection, in place on y");
-}
+// The Python module only lets torch.utils.cpp_extension load the library (native.py); the op is
+// reached through the dispatcher, as torch.ops.wrag.apply_delta_native.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -5,7 +5,7 @@ by the source, torch's version and the CPU's flags (~/.cache/wrag_kernels/, or
 $WRAG_KERNELS_CACHE), so a second process, or a second run, loads it in milliseconds. Loading it
 registers the CPU kernel of torch.ops.wrag.apply_delta_native (defined in ops.py). Where no
 compiler works, `load()` returns None after one warning and the torch path (cpu.py) serves.
-WRAG_NATIVE_PAR_MIN_MACS (default 65536): calls with fewer multiply-adds run on one thread.
+WRAG_NATIVE_PAR_MIN_ELEMS (default 65536): calls reading fewer factor elements run on one thread.
 """
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def build_dir() -> Path:
 
 
 def load():
-    """The compiled module (with .delta_cpu), or None where it cannot be built (warned once)."""
+    """The loaded extension (loading it registers apply_delta_native's CPU kernel), or None where it
+    cannot be built (warned once)."""
     if "mod" not in _STATE:
         try:
             from torch.utils.cpp_extension import load as load_ext

@@ -143,7 +143,7 @@ class Resolver:
                     except Exception:
                         raise RequestError(f"wrag_shards: unknown shard id {i!r}", "wrag_shards") from None
                 weights = list(c.weights) if c.weights is not None else [1.0 / len(ids)] * len(ids) if ids else []
-                params = self._budget(params, [self._rank(m) for m in metas], method)
+                params = self._budget(params, [self._rank(m) for m, w in zip(metas, weights) if w > 0], method)
                 self._check_ranks(ids, metas, method, params)
                 return Plan(ids, weights, method, params, [], "explicit" if ids else "off", gen)
             if not text:
@@ -174,7 +174,8 @@ class Resolver:
         if not (self.cfg.composite_rank and ranks and self.composite_needed(method, len(ranks))) \
                 or params.get("max_rank") is not None or params.get("energy") is not None:
             return params
-        return {**params, "max_rank": max(min(self.cfg.composite_rank, self.cfg.max_rank), max(ranks))}
+        cap = max(min(self.cfg.composite_rank, self.cfg.max_rank), max(ranks))
+        return params if sum(ranks) <= cap else {**params, "max_rank": cap}
 
     def _composite_rank(self, ranks: list[int], params: dict, method: str) -> int:
         cap = self._budget(params, ranks, method).get("max_rank")
@@ -185,7 +186,8 @@ class Resolver:
         ranks = [self._rank(m) for m in metas]
         if self.composite_needed(method, len(ids)):
             if self._composite_rank(ranks, params, method) > R:
-                raise RequestError(f"wrag_shards: total rank {sum(ranks)} of the composition exceeds the "
+                raise RequestError(f"wrag_shards: rank {self._composite_rank(ranks, params, method)} of the "
+                                   f"composition (Σ r_i = {sum(ranks)}) exceeds the "
                                    f"server's max_rank {R} (use fewer shards, a max_rank ≤ {R} in wrag_params, "
                                    f"or method 'linear' with at most {self.cfg.k_max} shards)", "wrag_shards")
         else:
