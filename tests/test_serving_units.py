@@ -153,6 +153,9 @@ def test_preparer_linear_slots_composite_and_removal(store_with_shards, tmp_path
     assert len(comp) == 1 and comp[0].weight == 1.0 and comp[0].key.startswith("c-")
     assert load_shard(comp[0].path).rank <= 8
     assert prep.prepare(Plan(["med", "code"], [0.6, 0.4], "svd-centered"))[0].key == comp[0].key
+    # weights equal after the composition cache's rounding are one payload (retrieval noise ~1e-7)
+    assert prep.prepare(Plan(["med", "code"], [0.6 + 1e-7, 0.4 - 1e-7], "svd-centered"))[0].key == comp[0].key
+    assert prep.prepare(Plan(["med", "code"], [0.61, 0.39], "svd-centered"))[0].key != comp[0].key
     store_with_shards.remove("med")
     with pytest.raises(WragError):
         prep.prepare(Plan(["med"], [1.0], "linear"))  # a removed shard is never prepared again

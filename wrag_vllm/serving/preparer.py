@@ -89,7 +89,9 @@ class Preparer:
             raise ValueError(f"payload rank {payload.rank} exceeds max_rank {self.cfg.max_rank}")
 
     def _composite_key(self, keys: list[str], weights: list[float], plan: Plan) -> str:
-        return "c-" + _digest(keys, weights, plan.method, plan.params)
+        """Content key of a composite: the CompositionCache composes with weights rounded to its
+        decimals, so sets whose weights round alike are one payload (one file, one device slot)."""
+        return "c-" + _digest(keys, self._compositions.round_weights(weights), plan.method, plan.params)
 
     # ------------------------------------------------------------------ main entry
     def prepare_cached(self, plan: Plan) -> list[SlotRef] | None:
