@@ -301,8 +301,9 @@ def slots_per_step(name: str, args, env) -> tuple[int, int]:
     """(distinct slot payloads a decode step of `clients` concurrent requests reads, their rank)."""
     n, r = args.clients, args.rank
     from wrag_vllm.serving.config import WragConfig
+    from wrag_vllm.serving.resolver import Resolver
     cfg = WragConfig.from_sources({"wrag": wrag_cfg(args, Path("."))})   # WRAG_* as the server reads them
-    rc = min(3 * r, max(min(cfg.composite_rank, cfg.max_rank), r)) if cfg.composite_rank else 3 * r
+    rc = Resolver(cfg, store=None).served_rank([r] * 3, dict(cfg.method_params), cfg.method)  # budget applied
     if name == "wrag-k1":
         return n, r
     if name == "wrag-k3-linear":

@@ -64,13 +64,13 @@ def _apply_delta_impl(
             h = _shrink_triton(x, a_pool, slot_ranks, m, decode=True)
             _expand_triton(y, h, b_pool, slot_ranks, m, decode=True)
         return
+    if backend == "native":                         # validates and exits early in C++
+        torch.ops.wrag.apply_delta_native(y, x, a_pool, b_pool, slot_ranks, *meta_args)
+        return
     info = m.host_info.tolist()
     _check(y, x, a_pool, b_pool, slot_ranks, m.token_slots.shape[0], info)
     if not info[INFO_ACTIVE] or x.shape[0] == 0:
         return                                      # early exit: no token has a slot
-    if backend == "native":
-        torch.ops.wrag.apply_delta_native(y, x, a_pool, b_pool, slot_ranks, *meta_args)
-        return
     if backend == "torch":
         delta_cpu(y, x, a_pool, b_pool, slot_ranks, m.pair_tok, m.pair_w, m.plan, m.cplan, m.cslots,
                   m.cweights, m.ctok, m.cpu_info)

@@ -74,13 +74,16 @@ class Preparer:
             return key, shard
         return self.resolver.with_store(load)
 
+    def _path(self, key: str) -> str:
+        return str(self.slot_dir / f"{key}.safetensors")
+
     def _write(self, key: str, shard) -> str:
-        path = self.slot_dir / f"{key}.safetensors"
+        path = self._path(key)
         with self._key_lock(key):
-            if not path.exists():
+            if not os.path.exists(path):
                 self._check(shard)
                 shard.save(path)
-        return str(path)
+        return path
 
     def _check(self, payload) -> None:
         """ShardError/ValueError unless the workers can load `payload` into a slot."""
@@ -93,6 +96,14 @@ class Preparer:
         decimals, so sets whose weights round alike are one payload (one file, one device slot)."""
         return "c-" + _digest(keys, self._compositions.round_weights(weights), plan.method, plan.params)
 
+    def _layout(self, keys: list[str], plan: Plan) -> tuple[list[int], str | None]:
+        """(indices of the shards with weight > 0, the composite's content key — or None when each
+        kept shard is its own payload, linear with k ≤ k_max)."""
+        kept = [i for i, w in enumerate(plan.weights) if w > 0]
+        if not kept or not self.resolver.composite_needed(plan.method, len(kept)):
+            return kept, None
+        return kept, self._composite_key([keys[i] for i in kept], [plan.weights[i] for i in kept], plan)
+
     # ------------------------------------------------------------------ main entry
     def prepare_cached(self, plan: Plan) -> list[SlotRef] | None:
         """prepare(plan) when every payload of it is already written — no shard read, composition
@@ -102,23 +113,18 @@ class Preparer:
         if plan.empty:
             return []
         try:
-            keys = self.resolver.try_with_store(
-                lambda store: [self._shard_key(i, store.get_meta(i)) for i in plan.ids])
+            keys = self.resolver.with_store(
+                lambda store: [self._shard_key(i, store.get_meta(i)) for i in plan.ids], wait=False)
         except Exception:  # noqa: BLE001 - e.g. a removed shard: prepare() refuses it properly
             return None
         if keys is None:
             return None
-        pairs = [(k, w) for k, w in zip(keys, plan.weights) if w > 0]
-        if not pairs:
-            return []
-        if not self.resolver.composite_needed(plan.method, len(pairs)):
-            refs = [SlotRef(k, float(w), str(self.slot_dir / f"{k}.safetensors")) for k, w in pairs]
-        else:
-            ckey = self._composite_key([k for k, _ in pairs], [w for _, w in pairs], plan)
-            refs = [SlotRef(ckey, 1.0, str(self.slot_dir / f"{ckey}.safetensors"))]
+        kept, ckey = self._layout(keys, plan)
+        refs = ([SlotRef(keys[i], float(plan.weights[i]), self._path(keys[i])) for i in kept] if ckey is None
+                else [SlotRef(ckey, 1.0, self._path(ckey))])
         if not all(os.path.exists(r.path) for r in refs):
             return None
-        if self.stats is not None and len(refs) == 1 and refs[0].key.startswith("c-"):
+        if ckey is not None and self.stats is not None:
             self.stats.composition(0.0, True)
         return refs
 
@@ -126,22 +132,20 @@ class Preparer:
         if plan.empty:
             return []
         loaded = [self._load(i) for i in plan.ids]
-        pairs = [(k, s, w) for (k, s), w in zip(loaded, plan.weights) if w > 0]
-        if not pairs:
-            return []
-        if not self.resolver.composite_needed(plan.method, len(pairs)):
-            return [SlotRef(k, float(w), self._write(k, s)) for k, s, w in pairs]
-        ckey = self._composite_key([k for k, _, _ in pairs], [w for _, _, w in pairs], plan)
-        path = self.slot_dir / f"{ckey}.safetensors"
+        kept, ckey = self._layout([k for k, _ in loaded], plan)
+        if ckey is None:
+            return [SlotRef(loaded[i][0], float(plan.weights[i]), self._write(*loaded[i])) for i in kept]
+        path = self._path(ckey)
         with self._key_lock(ckey):
             t0 = time.perf_counter()
-            hit = path.exists()
+            hit = os.path.exists(path)
             if not hit:
-                comp = self._compositions.get_or_compose([s for _, s, _ in pairs], [w for _, _, w in pairs],
+                comp = self._compositions.get_or_compose([loaded[i][1] for i in kept],
+                                                         [plan.weights[i] for i in kept],
                                                          method=plan.method, **plan.params)
                 self._check(comp)
                 comp.save(path)
             if self.stats is not None:
                 self.stats.composition(time.perf_counter() - t0, hit)
-        return [SlotRef(ckey, 1.0, str(path))]
+        return [SlotRef(ckey, 1.0, path)]
 

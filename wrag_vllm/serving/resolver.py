@@ -99,17 +99,11 @@ class Resolver:
                 self._store = ShardStore(self.cfg.store)
             return self._store
 
-    def with_store(self, fn):
-        """fn(store) under the resolver's lock, after picking up other processes' changes."""
-        with self._lock:
-            store = self.store
-            store.refresh()
-            return fn(store)
-
-    def try_with_store(self, fn):
-        """Like with_store, but None at once when another thread holds the store (callers on the
-        engine loop must not wait for a retrieval or a composition)."""
-        if not self._lock.acquire(blocking=False):
+    def with_store(self, fn, wait: bool = True):
+        """fn(store) under the resolver's lock, after picking up other processes' changes. With
+        wait=False, None at once when another thread holds the store (callers on the engine loop
+        must not wait for a retrieval or a composition)."""
+        if not self._lock.acquire(blocking=wait):
             return None
         try:
             store = self.store
@@ -177,7 +171,8 @@ class Resolver:
         cap = max(min(self.cfg.composite_rank, self.cfg.max_rank), max(ranks))
         return params if sum(ranks) <= cap else {**params, "max_rank": cap}
 
-    def _composite_rank(self, ranks: list[int], params: dict, method: str) -> int:
+    def served_rank(self, ranks: list[int], params: dict, method: str) -> int:
+        """The rank a set of shards of `ranks` occupies in one slot when composed (budget applied)."""
         cap = self._budget(params, ranks, method).get("max_rank")
         return sum(ranks) if cap is None else min(sum(ranks), int(cap))
 
@@ -185,8 +180,8 @@ class Resolver:
         R = self.cfg.max_rank
         ranks = [self._rank(m) for m in metas]
         if self.composite_needed(method, len(ids)):
-            if self._composite_rank(ranks, params, method) > R:
-                raise RequestError(f"wrag_shards: rank {self._composite_rank(ranks, params, method)} of the "
+            if self.served_rank(ranks, params, method) > R:
+                raise RequestError(f"wrag_shards: rank {self.served_rank(ranks, params, method)} of the "
                                    f"composition (Σ r_i = {sum(ranks)}) exceeds the "
                                    f"server's max_rank {R} (use fewer shards, a max_rank ≤ {R} in wrag_params, "
                                    f"or method 'linear' with at most {self.cfg.k_max} shards)", "wrag_shards")
@@ -200,6 +195,6 @@ class Resolver:
         R = self.cfg.max_rank
         keep = [(h, self._rank(m)) for h, m in zip(hits, metas) if self._rank(m) <= R]
         while keep and self.composite_needed(method, len(keep)) and \
-                self._composite_rank([r for _, r in keep], params, method) > R:
+                self.served_rank([r for _, r in keep], params, method) > R:
             keep.pop()
         return [h for h, _ in keep]
