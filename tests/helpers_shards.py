@@ -25,7 +25,8 @@ def tiny_base(seed: int = 0) -> BaseFingerprint:
 
 
 def random_shard(base: BaseFingerprint, shard_id: str, rank: int = 4, seed: int = 0,
-                 modules=FFN_MODULES, description: str = "", samples=None, scale: float = 0.5) -> Shard:
+                 modules=FFN_MODULES, description: str = "", samples=None, scale: float = 0.5,
+                 queries=None) -> Shard:
     g = torch.Generator().manual_seed(seed)
     dims = {"gate_proj": (base.hidden_size, base.intermediate_size),
             "up_proj": (base.hidden_size, base.intermediate_size),
@@ -38,4 +39,4 @@ def random_shard(base: BaseFingerprint, shard_id: str, rank: int = 4, seed: int 
             factors[(layer, m)] = Factors(torch.randn(rank, d_in, generator=g) * 0.1,
                                           torch.randn(d_out, rank, generator=g) * 0.1, scale)
     return Shard(id=shard_id, base=base, factors=factors, description=description or f"shard {shard_id}",
-                 samples=list(samples or []))
+                 samples=list(samples or []), queries=list(queries or []))

@@ -108,3 +108,42 @@ def test_bad_input_clear_error_store_intact(tmp_path, shard_files, tiny_fp):
         assert re.search(pattern, p.stderr), (args, p.stderr)
         assert "Traceback" not in p.stderr
     assert wrag("ls", "--json", store=store).stdout == before
+
+
+def test_search_shows_what_the_server_applies(tmp_path, shard_files, monkeypatch):
+    """`wrag search`: each hit's relevance p and whether (at what weight) the server's rule applies
+    it; `-` reads one text per line and --json prints one list per line; --queries at add."""
+    store = tmp_path / "store"
+    queries = tmp_path / "q.txt"
+    queries.write_text("my chest hurts when I climb stairs\n\nis a heart rate of 110 dangerous?\n")
+    wrag("add", shard_files["cardio"], "--queries", queries, store=store)
+    assert json.loads(wrag("show", "cardio", "--json", store=store).stdout)["queries"] == [
+        "my chest hurts when I climb stairs", "is a heart rate of 110 dangerous?"]
+    for f in ("compilers", "contracts"):
+        wrag("add", shard_files[f], store=store)
+    hits = json.loads(wrag("--json", "search", "my heart races and my chest hurts", store=store).stdout)
+    assert hits[0]["id"] == "cardio" and hits[0]["applied"] and hits[0]["weight"] > 0.5
+    assert all(0 <= h["score"] <= 1 for h in hits) and [h["score"] for h in hits] == sorted(
+        [h["score"] for h in hits], reverse=True)
+    assert all(h["weight"] is None for h in hits if not h["applied"])
+    # the threshold the server would use: nothing passes p ≥ 1
+    hits = json.loads(wrag("--json", "search", "my heart races", "--threshold", "1.0", store=store).stdout)
+    assert not any(h["applied"] for h in hits)
+    monkeypatch.setattr("sys.stdin", io.StringIO("my heart races and my chest hurts\n\nwrite a parser for my language\n"))
+    lines = wrag("--json", "search", "-", "-k", "2", store=store).stdout.strip().splitlines()
+    assert len(lines) == 2 and [json.loads(x)[0]["id"] for x in lines] == ["cardio", "compilers"]
+    bad = wrag("search", "x", "--threshold", "2", store=store, check=False)
+    assert bad.returncode == 2 and "threshold must be in [0, 1]" in bad.stderr
+
+
+def test_cli_store_commands_do_not_import_transformers(tmp_path, shard_files):
+    """ls, show, rm and search start without transformers (or sentence-transformers)."""
+    store = tmp_path / "store"
+    wrag("add", shard_files["cardio"], store=store)
+    code = ("import sys; from wrag_vllm.cli import main; rc = main(sys.argv[1:]); "
+            "bad = [m for m in ('transformers', 'sentence_transformers', 'vllm') if m in sys.modules]; "
+            "sys.exit(3 if bad else rc)")
+    for args in (["ls"], ["show", "cardio"], ["search", "heart attack"], ["rm", "cardio"]):
+        p = subprocess.run([sys.executable, "-c", code, "--store", str(store), *args], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, (args, p.returncode, p.stderr[-2000:])

@@ -170,7 +170,8 @@ def test_text_sizes_bounded_everywhere(tmp_path, tiny_fp, good_file, store):
     ok.validate()  # exactly at the limits: accepted
     over = {"description": ("description", "d" * (M.MAX_DESCRIPTION_CHARS + 1), "description has 4097 characters"),
             "samples": ("samples", ["s"] * (M.MAX_SAMPLE_COUNT + 1), "1001 samples, at most 1000"),
-            "sample": ("samples", ["s" * (M.MAX_SAMPLE_CHARS + 1)], "a sample has 8193 characters"),
+            "sample": ("samples", ["s" * (M.MAX_SAMPLE_CHARS + 1)], "one of the samples has 8193 characters"),
+            "queries": ("queries", ["q"] * (M.MAX_SAMPLE_COUNT + 1), "1001 queries, at most 1000"),
             "name": ("name", "n" * (M.MAX_NAME_CHARS + 1), "name has 257 characters"),
             "provenance": ("provenance", {"p": "x" * M.MAX_PROVENANCE_BYTES}, "provenance is 16393 bytes")}
     for field, value, pattern in over.values():

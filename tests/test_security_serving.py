@@ -227,8 +227,16 @@ def test_uploads_over_http(front, store, tiny_fp, tmp_path):
     r = client.post("/wrag/shards?id=up-octet", content=raw, headers={**AUTH, "Content-Type": "application/octet-stream"})
     assert r.status_code == 200 and r.json()["id"] == "up-octet"
     r = client.post("/wrag/shards", files={"shard": ("x.safetensors", raw)}, headers=AUTH,
-                    data={"id": "up-form", "description": "an uploaded shard", "samples": json.dumps(["a text"])})
+                    data={"id": "up-form", "description": "an uploaded shard", "samples": json.dumps(["a text"]),
+                          "queries": json.dumps(["how do I upload a shard?"])})
     assert r.status_code == 200 and r.json()["samples"] == ["a text"], r.text
+    assert r.json()["queries"] == ["how do I upload a shard?"]
+    # queries that are not a list of strings, or too many: a clear 400, nothing registered
+    for bad, why in ((json.dumps({"q": 1}), "queries"), ("[1, 2]", "queries"), (json.dumps(["q"] * 1001), "1001 queries")):
+        r = client.post("/wrag/shards", files={"shard": ("x.safetensors", raw)}, headers=AUTH,
+                        data={"id": "up-bad", "queries": bad})
+        assert r.status_code == 400 and why in r.text, r.text
+    assert "up-bad" not in store
     # a bad upload: a clear reason about the bytes, no server path
     r = client.post("/wrag/shards", files={"shard": ("x.safetensors", b"not a shard")}, headers=AUTH)
     assert r.status_code == 400 and "/tmp" not in r.text and "wrag-upload" not in r.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,7 +49,7 @@ def test_xargs_list_forms(xargs, shards, weights):
     ({"wrag_shards": ["a"], "wrag_weights": ["inf"]}, "finite"), ({"wrag_shards": ["a"], "wrag_weights": [-1]}, "≥ 0"),
     ({"wrag_shards": ["a", "b"], "wrag_weights": [0, 0]}, "all weights are zero"), ({"wrag_weights": [1]}, "needs wrag_shards"),
     ({"wrag_shards": ["a", "a"]}, "twice"), ({"wrag_shards": [1]}, "non-empty strings"),
-    ({"wrag_shards": {"a": 1}}, "expected a list"), ({"wrag_threshold": 2}, "[-1, 1]"),
+    ({"wrag_shards": {"a": 1}}, "expected a list"), ({"wrag_threshold": 2}, "[0, 1]"), ({"wrag_threshold": -0.1}, "[0, 1]"),
     ({"wrag_method": "magic"}, "unknown composition method"), ({"wrag_off": "maybe"}, "true/false"),
     ({"wrag_plan": "{}"}, "set by the server"), ({"wrag_slots": "[]"}, "set by the server"),
     ({"wrag_bogus": 1}, "unknown WRAG control"), ({"wrag_params": "{bad"}, "not valid JSON"),
@@ -289,3 +290,35 @@ def test_pool_lru_pins_and_meta(tmp_path, tiny_fp):
 ])
 def test_wrag_acts_only_when_asked(additional, env, on):
     assert WragConfig.from_sources(additional, environ=env).enabled is on
+
+
+def test_embed_batcher_caches_repeated_queries():
+    """A repeated query is answered from the LRU (no embedder call); concurrent new ones share a call."""
+    import threading
+
+    from wrag_vllm.embed import get_embedder
+    from wrag_vllm.serving.resolver import EmbedBatcher
+
+    calls = []
+
+    class Store:  # the two attributes EmbedBatcher reads of a ShardStore
+        embedder_name = "minilm"
+
+        class embedder:
+            @staticmethod
+            def embed(texts):
+                calls.append(list(texts))
+                return get_embedder().embed(texts)
+
+    b = EmbedBatcher(cache_bytes=3 * 384 * 4)
+    v = b.embed(Store, "what causes high blood pressure?")
+    assert np.allclose(v, get_embedder().embed(["what causes high blood pressure?"])[0], atol=1e-6)
+    assert np.array_equal(b.embed(Store, "what causes high blood pressure?"), v) and len(calls) == 1
+    out = {}
+    ts = [threading.Thread(target=lambda i=i: out.__setitem__(i, b.embed(Store, f"question {i}"))) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(out) == 6 and sum(map(len, calls[1:])) == 6 and len(calls) < 7
+    assert len(b.cache) == 3  # the byte budget holds three vectors

@@ -223,7 +223,7 @@ def test_cli_refuses_losing_the_shard(tiny_dir, tmp_path):
     with pytest.raises(WragError, match="--out"):
         args.func(args)
     args = _cli_args(["train", "--corpus", str(corpus), "--base", str(tiny_dir)])
-    with pytest.raises(WragError, match="--description or --samples"):
+    with pytest.raises(WragError, match="--description, --samples or --queries"):
         args.func(args)
 
 
@@ -248,3 +248,16 @@ def test_cli_train_registers_in_store(tiny_dir, tmp_path, capsys):
     args = _cli_args(argv)  # same id again: refused before training
     with pytest.raises(WragError, match="already has a shard"):
         args.func(args)
+
+
+def test_corpus_questions_become_the_shards_queries(tmp_path):
+    """A .jsonl corpus's "prompt"/"question" fields are kept as queries; text files have none."""
+    from wrag_vllm.train import corpus_questions
+
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "Aspirin inhibits COX.", "question": "Does aspirin thin the blood?"}\n\n'
+                 '{"text": "Statins lower LDL.", "prompt": "  What do statins do? "}\n{"text": "No question."}\n')
+    assert corpus_questions(p) == ["Does aspirin thin the blood?", "What do statins do?"]
+    t = tmp_path / "c.txt"
+    t.write_text("Aspirin inhibits COX.\n\nStatins lower LDL.")
+    assert corpus_questions(t) == []

@@ -1,9 +1,10 @@
 """`wrag`: the command line over a shard store.
 
-    wrag add PATH [--id ID] [--description TEXT] [--samples FILE] [--base DIR] [--overwrite]
+    wrag add PATH [--id ID] [--description TEXT] [--samples FILE] [--queries FILE] [--base DIR] [--overwrite]
                                                                       shard file or PEFT directory
     wrag extract --base DIR --finetuned DIR --id ID (--rank R | --energy E)
-    wrag ls | show ID | rm ID | search TEXT [-k N] | export ID --out DIR
+    wrag ls | show ID | rm ID | export ID --out DIR
+    wrag search TEXT|- [-k N] [--threshold P] [--top-k N]       what the server would retrieve and apply
     wrag merge / train / serve / demo                                 (registered by their modules)
 
 Every command takes --store PATH (default $WRAG_STORE, else ~/.local/share/wrag/store) and --json.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +63,22 @@ def _read_samples(path: str | None) -> list[str]:
     return [c for c in chunks if c]
 
 
+def read_queries(path: str | None) -> list[str]:
+    """Queries from a text file (one per line) or a .jsonl file (one object with a string "text"
+    per line); WragError naming the file (and line) otherwise."""
+    if not path:
+        return []
+    if Path(path).suffix == ".jsonl":
+        return _read_samples(path)
+    p = Path(path)
+    if not p.is_file():
+        raise WragError(f"queries file not found: {path}")
+    try:
+        return [q.strip() for q in p.read_text(encoding="utf-8").splitlines() if q.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise WragError(f"queries file {path}: cannot read it as UTF-8 text ({e})") from None
+
+
 def _base_for_add(store, base_dir: str | None):
     """The base a new shard is checked against: the store's, with the facts (name, weight_rms)
     of --base DIR filled in; StoreError if DIR is another model than the store's base."""
@@ -86,7 +104,7 @@ def cmd_add(args) -> int:
     store = _open(args)
     shard = shard_from_path(args.path, _base_for_add(store, args.base), shard_id=args.id,
                             description=args.description, samples=_read_samples(args.samples),
-                            allow_attention=args.allow_attention)
+                            queries=read_queries(args.queries), allow_attention=args.allow_attention)
     row = store.add(shard, allow_attention=args.allow_attention, overwrite=args.overwrite)
     _print(args, row, f"added {row['id']} (rank {shard.rank}, {len(shard.factors)} projections, "
                       f"{shard.nbytes() / 1e6:.2f} MB)")
@@ -133,11 +151,39 @@ def cmd_rm(args) -> int:
 
 
 def cmd_search(args) -> int:
+    """For each text, the k best shards with their relevance p and whether (and at what weight) a
+    server of this environment's settings (WRAG_*; --threshold / --top-k override) applies them."""
+    import dataclasses
+
+    from .serving.config import WragConfig
+    from .serving.controls import RequestControls
+    from .serving.resolver import Resolver, query_tail
+
     if args.k < 1:
         raise WragError("-k must be at least 1")
-    hits = _open(args).search(args.text, k=args.k)
-    rows = [{"id": i, "score": round(s, 4)} for i, s in hits]
-    _print(args, rows, "\n".join(f"{s:7.4f}  {i}" for i, s in hits) or "(no shards)")
+    texts = [t for t in sys.stdin.read().splitlines() if t.strip()] if args.text == "-" else [args.text]
+    store = _open(args)
+    cfg = WragConfig.from_sources(environ={**os.environ, "WRAG_STORE": str(store.root)})
+    over = {k: v for k, v in (("threshold", args.threshold), ("top_k", args.top_k)) if v is not None}
+    cfg = dataclasses.replace(cfg, **over, max_top_k=max(cfg.max_top_k, over.get("top_k", 0))).validate()
+    resolver = Resolver(cfg, store)
+    vecs = store.embedder.embed([query_tail(t, cfg.query_max_tokens) for t in texts]) if texts else []
+    out, lines = [], []
+    for text, vec in zip(texts, vecs):
+        plan = resolver.resolve(text, RequestControls(), vec=vec)
+        weight = dict(zip(plan.ids, plan.weights))
+        rows = [{"id": i, "score": round(p, 4), "applied": i in weight,
+                 "weight": round(weight[i], 4) if i in weight else None}
+                for i, p in store.search_vector(vec, k=args.k)]
+        out.append(rows)
+        if len(texts) > 1:
+            lines.append(f"# {text}")
+        lines += [f"{r['score']:7.4f}  {r['id']:24s}" + (f" applied, weight {r['weight']:.3f}" if r["applied"] else "")
+                  for r in rows] or ["(no shards)"]
+    if args.json and args.text == "-":
+        print("\n".join(json.dumps(rows) for rows in out))  # one list per text, a line each
+    else:
+        _print(args, out[0] if out else [], "\n".join(lines))
     return 0
 
 
@@ -178,7 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--id")
     p.add_argument("--description")
-    p.add_argument("--samples", help="text file (paragraphs separated by blank lines) or .jsonl with 'text'")
+    p.add_argument("--samples", help="texts of the shard's domain: text file (paragraphs separated by blank "
+                   "lines) or .jsonl with 'text'")
+    p.add_argument("--queries", help="requests the shard should serve, as users ask them: text file (one per "
+                   "line) or .jsonl with 'text'; retrieval learns the domain's questions from them")
     p.add_argument("--base", help="base model folder (needed for a PEFT adapter when the store is empty; "
                    "also records the model's name and weight scale in the store)")
     p.add_argument("--overwrite", action="store_true", help="replace a shard of the same id")
@@ -202,9 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p = add("rm", cmd_rm, "remove a shard")
     p.add_argument("id")
-    p = add("search", cmd_search, "which shards a text retrieves")
-    p.add_argument("text")
-    p.add_argument("-k", type=int, default=5)
+    p = add("search", cmd_search, "which shards a text retrieves, and which the server would apply")
+    p.add_argument("text", help="the request text, or - to read one text per line from stdin")
+    p.add_argument("-k", type=int, default=5, help="hits shown per text")
+    p.add_argument("--threshold", type=float, help="relevance p a shard needs to be applied (default: the server's)")
+    p.add_argument("--top-k", type=int, help="shards a request may apply (default: the server's)")
     p = add("export", cmd_export, "write a shard as a PEFT LoRA adapter directory")
     p.add_argument("id")
     p.add_argument("--out", required=True)

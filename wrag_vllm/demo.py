@@ -4,7 +4,7 @@
     2. shards       the committed domain shards (medicine, computing, law, history) -> the store
     3. server       `vllm serve` with the WRAG plugins, on 127.0.0.1
     4. questions    held-out domain questions (and one general question) through the openai client:
-                    the shards retrieved (cosine score, weight), the WRAG answer, the base answer
+                    the shards retrieved (relevance p, weight), the WRAG answer, the base answer
 Steps 1-2 are cached: later runs only start the server and ask.
 """
 from __future__ import annotations
@@ -29,29 +29,51 @@ def domain_shard_files() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHARD_DIR.glob("*.safetensors"))}
 
 
-def ensure_store(store_path: str, model_dir: Path):
-    """Register the committed domain shards that the store lacks; returns the open store."""
-    from .fingerprint import fingerprint_dir
+def domain_shards(names=None) -> dict:
+    """The committed domain shards, each with its domain's retrieval texts: the training question
+    stems as samples and the shipped everyday requests as queries (domains.py)."""
+    from .domains import build_domain
     from .shard import load_shard
-    from .store import ShardStore
 
     files = domain_shard_files()
     if not files:
         raise WragError(f"no domain shards in {SHARD_DIR}; regenerate them with "
                         f"`python -m benchmarks.data.train_domain_shards`")
+    out = {}
+    for name, f in files.items():
+        if names is not None and name not in names:
+            continue
+        shard, d = load_shard(f), build_domain(name)
+        shard.samples, shard.queries = d.samples, d.queries
+        out[name] = shard
+    return out
+
+
+def ensure_store(store_path: str, model_dir: Path):
+    """Register the committed domain shards that the store lacks, or holds with other retrieval
+    texts (in one add, so each head sees the others' texts as negatives); returns the open store."""
+    from .fingerprint import fingerprint_dir
+    from .store import ShardStore
+
+    files = domain_shard_files()
     store = ShardStore(store_path)
     base = fingerprint_dir(model_dir)
     if store.base is not None and store.base.mismatch(base):
         raise WragError(f"store {store_path} holds shards for another base model "
                         f"({store.base.mismatch(base)}); use --store to pick another store")
     store.bind_base(base)  # records the model's name and weight RMS (the delta-magnitude yardstick)
-    missing = [(n, f) for n, f in files.items() if n not in store]
-    for name, f in missing:
-        shard = load_shard(f)
+
+    def current(name, shard) -> bool:  # registered, with today's retrieval texts (not an older release's)
+        meta = store.get_meta(name) if name in store else None
+        return meta is not None and (meta["samples"], meta["queries"]) == (shard.samples, shard.queries)
+
+    missing = {n: sh for n, sh in domain_shards().items() if not current(n, sh)}
+    for name, shard in missing.items():
         if shard.base.mismatch(base):
-            raise WragError(f"{f} was trained for another base ({shard.base.mismatch(base)}); "
+            raise WragError(f"{files[name]} was trained for another base ({shard.base.mismatch(base)}); "
                             f"retrain with `python -m benchmarks.data.train_domain_shards`")
-        store.add(shard)
+    store.add_many(missing.values(), overwrite=True)
+    for name, shard in missing.items():
         say(f"      registered shard {name!r}: {shard.description[:70]}...")
     say(f"      store {store_path}: {len(store)} shards"
         + ("" if missing else " (already registered)"))
@@ -120,7 +142,7 @@ def run_demo(args) -> int:
                 shards = ", ".join(f"{i} (score {scores.get(i, '?')}, weight {w})" for i, w in weights.items())
                 say(f"  retrieved ({h.get('x-wrag-method')}): {shards}")
             else:
-                say("  retrieved: none above the similarity threshold -> base model")
+                say("  retrieved: none above the relevance threshold -> base model")
             say(f"  WRAG: {wrag_answer}")
             say(f"  base: {base_answer}")
         say("=" * 100)

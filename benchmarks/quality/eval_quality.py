@@ -6,7 +6,8 @@ attention ablation and the svd-centered λ/ρ sweep.
 
 Sections (each cached per item in <cache>/eval_quality/, so a rerun resumes):
 
-1. Retrieval. The four shards go into a real ShardStore (MiniLM; description + training samples).
+1. Retrieval. The four shards go into a real ShardStore (MiniLM relevance heads; description, training
+   question stems as samples, the shipped everyday queries).
    top-1 = fraction of held-out domain prompts (never part of a description or sample) whose best
    shard is their own domain. Also per threshold: how often a held-out domain text (query = its first
    400 chars) keeps its own shard, and how often a general text keeps any shard.
@@ -53,7 +54,7 @@ from wrag_vllm.shard import FFN_MODULES, load_shard
 
 SHARD_DIR = REPO / "wrag_vllm" / "data" / "shards"
 PUBMEDQA = REPO.parent / "shared" / "data" / "pubmedqa" / "pqal_trainval.json"  # PubMedQA PQA-L (MIT)
-THRESHOLD, TEMPERATURE, TOP_K = 0.3, 0.1, 3          # the rule of the committed results (the server: 0.15)
+THRESHOLD, TEMPERATURE, TOP_K = 0.5, 1.0, 3          # the server's rule (serving/config.py)
 DISTRACTOR_W = (0.5, 0.25, 0.25)
 RANK_BUDGETS = (None, 16, 12, 8)   # composite rank budgets measured (None: rank Σ r_i, no truncation)
 FACTOR_SPACE = ("linear", "svd-centered")
@@ -142,7 +143,7 @@ def rank_budget_rows(ev, items, shards) -> dict[str, dict[str, float]]:
         params = {} if budget is None else {"max_rank": budget}
         lab = budget_label(budget)
         out[f"top-3 svd-centered [{lab}]"] = {
-            d: L.ppl(ev.nll_planned(items[d], [L.plan(it["hits"], -1.0, TEMPERATURE) for it in items[d]],
+            d: L.ppl(ev.nll_planned(items[d], [L.plan(it["hits"], 0.0, TEMPERATURE) for it in items[d]],
                                     "svd-centered", params)) for d in DOMAINS}
         out[f"distractor svd-centered [{lab}]"] = {}
         for i, d in enumerate(DOMAINS):
@@ -184,14 +185,26 @@ def write_results(out, a, t_start, timings, ev, shards) -> str:
     return md
 
 
+def retrieval_store(path: Path, shards: dict):
+    """A real ShardStore holding the shards with their domains' retrieval texts, as `wrag demo` registers them."""
+    from wrag_vllm.store import ShardStore
+
+    for name, sh in shards.items():
+        d = build_domain(name)
+        sh.samples, sh.queries = d.samples, d.queries
+    store = ShardStore(path)
+    store.add_many(shards.values())
+    return store
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=24, help="held-out texts per domain")
     ap.add_argument("--general", type=int, default=24, help="general-text passages")
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens scored per text")
     ap.add_argument("--sweep-texts", type=int, default=8, help="texts per domain in the λ/ρ sweep")
-    ap.add_argument("--alt-threshold", type=float, default=0.15,
-                    help="a lower retrieval threshold evaluated beside the server's 0.3")
+    ap.add_argument("--alt-threshold", type=float, default=0.2,
+                    help="a lower retrieval threshold evaluated beside the server's 0.5")
     ap.add_argument("--ablation-steps", type=int, default=40, help="training steps per ablation variant")
     ap.add_argument("--pubmedqa", type=Path, default=PUBMEDQA)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -233,12 +246,9 @@ def main(argv=None) -> int:
 
     # ---------------------------------------------------------------- 1. retrieval
     t0 = time.time()
-    from wrag_vllm.store import ShardStore
     gen_items = [] if "general" in skip else L.general_texts(a.general)
     tmp = tempfile.TemporaryDirectory(prefix="wrag-eval-")
-    store = ShardStore(Path(tmp.name) / "store")
-    for s in shards.values():
-        store.add(s)
+    store = retrieval_store(Path(tmp.name) / "store", shards)
     ret: dict = {"prompts": {}, "texts": {}, "thresholds": {}}
     for d in DOMAINS:
         dom = build_domain(d)
@@ -254,7 +264,7 @@ def main(argv=None) -> int:
         it["hits"] = h
     for it, h in zip(gen_items, gen_hits):
         it["hits"] = h
-    for thr in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35):
+    for thr in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
         ret["thresholds"][str(thr)] = {
             "domain_own_top1_kept": sum(h[0][0] == it["domain"] and h[0][1] >= thr
                                         for it, h in zip(all_items, text_hits)) / len(all_items),
@@ -341,9 +351,7 @@ def main(argv=None) -> int:
             qa = qa[:8]
         qcache = L.JsonCache(cache_dir / f"pubmedqa-{ck}.json")
         tmp = tempfile.TemporaryDirectory(prefix="wrag-eval-")
-        store = ShardStore(Path(tmp.name) / "store")
-        for s in shards.values():
-            store.add(s)
+        store = retrieval_store(Path(tmp.name) / "store", shards)
         qhits = store.search_many([it["question"] for it in qa], k=TOP_K)
         store.close()
         tmp.cleanup()

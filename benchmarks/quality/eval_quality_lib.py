@@ -128,13 +128,13 @@ def ppl(pairs) -> float:
 
 # ------------------------------------------------------------------------------------ retrieval
 def plan(hits, threshold: float, temperature: float, decimals: int = 3):
-    """The server's rule (wrag_vllm.serving.resolver): keep hits with cosine ≥ threshold, weights =
-    softmax(score / T); weights rounded like the server's CompositionCache key (decimals=3).
+    """The server's rule (wrag_vllm.serving.resolver): keep hits of relevance p ≥ threshold, weights =
+    softmax(logit(p) / T); weights rounded like the server's CompositionCache key (decimals=3).
     Returns a tuple of (id, weight) pairs, best first ( () = nothing retrieved → base model)."""
-    from wrag_vllm.serving.resolver import softmax_weights
+    from wrag_vllm.serving.resolver import retrieval_weights
 
     kept = [(i, float(s)) for i, s in hits if float(s) >= threshold]
-    w = softmax_weights([s for _, s in kept], temperature)
+    w = retrieval_weights([s for _, s in kept], temperature)
     return tuple((i, round(x, decimals)) for (i, _), x in zip(kept, w))
 
 
@@ -145,17 +145,17 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("wisdom", "food", "pets", "sports", "love", "people", "literature", "humorists")
 
 
-def general_texts(n: int, chars: int = 900) -> list[dict]:
+def general_texts(n: int, chars: int = 900, files: tuple[str, ...] = FORTUNE_FILES) -> list[dict]:
     """n passages of general, out-of-domain English: consecutive fortunes (quotations, jokes,
     short anecdotes) of one category joined into ≈`chars`-character passages, round-robin over
-    FORTUNE_FILES. Needs the Debian package `fortunes` (BSD licence)."""
+    `files` (default FORTUNE_FILES). Needs the Debian package `fortunes` (BSD licence)."""
     from wrag_vllm.errors import WragError
 
     if not FORTUNE_DIR.is_dir():
         raise WragError(f"general text needs the Debian package 'fortunes' ({FORTUNE_DIR} missing): "
                         f"apt-get install fortunes, or pass --no-general")
     per_file: dict[str, list[str]] = {}
-    for name in FORTUNE_FILES:
+    for name in files:
         raw = (FORTUNE_DIR / name).read_text(encoding="utf-8", errors="replace")
         items = [re.sub(r"[ \t]+", " ", f).strip() for f in raw.split("\n%\n")]
         items = [f for f in items if 40 <= len(f) <= 600]

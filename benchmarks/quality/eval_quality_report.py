@@ -66,8 +66,9 @@ def markdown(out) -> str:
             for d in DOMAINS) + " |")
 
     r = out["retrieval"]
-    L += ["", "## Retrieval (real ShardStore, MiniLM)", "",
-          "| domain | held-out prompts | top-1 | top-1 and score ≥ 0.3 | confusion (top-1) | texts: top-1 |",
+    thr = out.get("server_rule", {}).get("threshold", "the threshold")
+    L += ["", "## Retrieval (real ShardStore, MiniLM relevance heads)", "",
+          f"| domain | held-out prompts | top-1 | top-1 and p ≥ {thr} | confusion (top-1) | texts: top-1 |",
           "|---|---|---|---|---|---|"]
     for d in DOMAINS:
         x = r["prompts"][d]
@@ -189,7 +190,7 @@ def plot(out, path: Path) -> None:
     if th[next(iter(th))]["general_any_kept"] is not None:
         ax.plot(t, [100 * v["general_any_kept"] for v in th.values()], "s-", label="general text: any shard kept")
     ax.axvline(out["server_rule"]["threshold"], color="k", ls="--", lw=1)
-    ax.set_xlabel("retrieval threshold (cosine)")
+    ax.set_xlabel("retrieval threshold (relevance p)")
     ax.set_ylabel("%")
     ax.set_title("threshold: domain recall vs general false retrieval")
     ax.legend(fontsize=7)

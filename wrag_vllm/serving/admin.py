@@ -10,11 +10,11 @@
 Every route follows --api-key (or VLLM_API_KEY): 401 without a valid bearer token when the server
 has one. Writes are off unless the operator sets `admin_writes: true`, and then only on a server
 with an API key (403 otherwise), as vLLM does for runtime adapter loading. POST /wrag/shards takes
-    application/json       {"path", "id"?, "description"?, "samples"?}: a shard file or PEFT
+    application/json       {"path", "id"?, "description"?, "samples"?, "queries"?}: a shard file or PEFT
                            directory on the server, inside one of the configured `admin_dirs`
     application/octet-stream  a shard file's bytes; ?id=&description= override its metadata
     multipart/form-data    `shard` (a shard file) or `adapter_config` + `adapter_model` (a PEFT
-                           adapter's two files), plus optional `id`, `description`, `samples`
+                           adapter's two files), plus optional `id`, `description`, `samples`, `queries`
                            (a JSON list of strings)
 Any other content type gets 415, so a cross-site "simple" request (text/plain, forms with no
 file) can never register a shard. A server path that cannot be registered, for whatever reason,
@@ -91,16 +91,17 @@ async def limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _samples(v) -> list[str]:
+def _texts(v, name: str) -> list[str]:
+    """A list of strings (a JSON list in a form field) for `samples` / `queries`."""
     if v is None or v == "":
         return []
     if isinstance(v, str):
         try:
             v = json.loads(v)
         except (ValueError, RecursionError):
-            raise WragError('"samples" must be a JSON list of strings') from None
+            raise WragError(f'"{name}" must be a JSON list of strings') from None
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise WragError('"samples" must be a list of strings')
+        raise WragError(f'"{name}" must be a list of strings')
     return v
 
 
@@ -199,7 +200,8 @@ class Admin:
     def _fields(body: dict) -> dict:
         return {"shard_id": _opt_str(body.get("id"), "id"),
                 "description": _opt_str(body.get("description"), "description"),
-                "samples": _samples(body.get("samples"))}
+                "samples": _texts(body.get("samples"), "samples"),
+                "queries": _texts(body.get("queries"), "queries")}
 
     async def parse_upload(self, request: Request) -> tuple[dict[str, bytes] | None, dict]:
         """(files, fields) of POST /wrag/shards; files None for the JSON (server path) form."""

@@ -44,8 +44,8 @@ class WragConfig:
     store: str = field(default_factory=_default_store)
     top_k: int = 3                 # shards retrieved per request
     max_top_k: int = 16            # largest wrag_top_k a request may ask for
-    threshold: float = 0.15        # cosine score below which a retrieved shard is dropped (docs/decisions.md)
-    temperature: float = 0.1       # weights = softmax(score / temperature) over the kept shards
+    threshold: float = 0.5         # relevance probability below which a retrieved shard is dropped (docs/decisions.md)
+    temperature: float = 1.0       # weights = softmax(logit(p) / temperature) over the kept shards
     method: str = DEFAULT_METHOD   # composition method (wrag_vllm.compose.METHODS)
     method_params: dict = field(default_factory=dict)
     slots: int = 8                 # device pool slots per FFN layer (S)
@@ -65,6 +65,7 @@ class WragConfig:
     # rules (ties, dare: seconds to minutes of engine time per set) only if the operator lists them
     request_methods: list = field(default_factory=lambda: ["linear", "svd-centered"])
     query_max_tokens: int = 256    # retrieval embeds at most the last ~N tokens of the query text
+    query_context_turns: int = 2   # earlier user turns of a conversation embedded before the last one
     # --- the admin surface (POST/DELETE /wrag/shards): off unless the operator turns it on, and
     # then only with --api-key; registration by server path only inside these directories
     admin_writes: bool = False
@@ -83,6 +84,7 @@ class WragConfig:
         "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_KERNEL_BACKEND": "kernel_backend",
         "WRAG_MAX_WEIGHT": "max_weight",
         "WRAG_REQUEST_METHODS": "request_methods", "WRAG_QUERY_MAX_TOKENS": "query_max_tokens",
+        "WRAG_QUERY_CONTEXT_TURNS": "query_context_turns",
         "WRAG_ADMIN_WRITES": "admin_writes", "WRAG_ADMIN_DIRS": "admin_dirs",
         "WRAG_MAX_UPLOAD_MB": "max_upload_mb",
     }
@@ -125,7 +127,7 @@ class WragConfig:
             if not ok:
                 raise WragError(f"WRAG configuration: {msg}")
         need(1 <= self.top_k <= self.max_top_k, f"top_k must be in 1..max_top_k ({self.max_top_k})")
-        need(math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0, "threshold must be in [-1, 1]")
+        need(math.isfinite(self.threshold) and 0.0 <= self.threshold <= 1.0, "threshold must be in [0, 1]")
         need(math.isfinite(self.temperature) and self.temperature > 0, "temperature must be > 0")
         need(self.slots >= 1, "slots must be >= 1")
         need(self.max_rank >= 1, "max_rank must be >= 1")
@@ -134,6 +136,7 @@ class WragConfig:
         need(self.prepare_threads >= 1, "prepare_threads must be >= 1")
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")
         need(self.query_max_tokens >= 1, "query_max_tokens must be >= 1")
+        need(self.query_context_turns >= 0, "query_context_turns must be >= 0")
         need(self.max_upload_mb >= 1, "max_upload_mb must be >= 1")
         from wrag_kernels.meta import BACKENDS
         need(self.kernel_backend in ("auto", *BACKENDS), f"kernel_backend must be one of auto, {', '.join(BACKENDS)}")

@@ -3,7 +3,7 @@
     wrag_shards   list of shard ids (skips retrieval). A JSON list, or a string: "a,b" or '["a","b"]'
     wrag_weights  floats in [0, max_weight], same length as wrag_shards (list, "0.5,0.5" or
                   "[0.5,0.5]"); default equal
-    wrag_top_k    int in 1..max_top_k              wrag_threshold  float in [-1, 1]
+    wrag_top_k    int in 1..max_top_k              wrag_threshold  float in [0, 1]
     wrag_method   one of the server's request_methods (default: linear, svd-centered)
     wrag_params   JSON object of the method's params (ranks capped at the server's max_rank)
     wrag_off      true/1 → the base model alone
@@ -158,8 +158,9 @@ def parse_controls(xargs: dict | None, cfg: WragConfig) -> RequestControls:
         c.top_k = k
     if "wrag_threshold" in xargs:
         t = _float(xargs["wrag_threshold"], "wrag_threshold")
-        if not (math.isfinite(t) and -1.0 <= t <= 1.0):
-            raise RequestError(f"wrag_threshold must be a cosine score in [-1, 1], got {t}", "wrag_threshold")
+        if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise RequestError(f"wrag_threshold must be a relevance probability in [0, 1], got {t}",
+                               "wrag_threshold")
         c.threshold = t
     if "wrag_method" in xargs:
         m = xargs["wrag_method"]

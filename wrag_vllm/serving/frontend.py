@@ -9,10 +9,11 @@ Request path (every vLLM route that builds an engine request from client `vllm_x
 ROUTES; tests/test_security_serving.py checks the list against the server's own routes):
     ASGI middleware reads the JSON body → validates `vllm_xargs` wrag_* (HTTP 400 on error; the
     server's own keys wrag_plan / wrag_slots are refused) → retrieval in a worker thread (query =
-    completion prompt, the chat's or Anthropic messages' last user turn, the responses input) →
+    completion prompt; the last user turn of chat, Anthropic messages or responses input, after
+    up to query_context_turns earlier user turns) →
     writes the resolved Plan, sealed (seal.py), into vllm_xargs["wrag_plan"] → vLLM builds the
     request (extra_args carry the plan to the engine) → the response carries
-    `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=cosine,...`, `x-wrag-method`,
+    `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=p,...` (relevance), `x-wrag-method`,
     `x-wrag-source` (explicit | retrieved | off | none, or failed when the request failed);
     every request is logged with its plan.
 Routes where WRAG does not retrieve (token-in generate, render, audio) refuse wrag_* controls
@@ -52,9 +53,11 @@ ROUTES = {
 KEYED_OUTSIDE_V1 = ("/invocations", "/inference/v1/generate")
 
 
-def query_text(kind: str, body: dict) -> str | None:
-    """Completions: the prompt (first one of a batch). Chat and messages: the last user turn.
-    Responses: input."""
+def query_text(kind: str, body: dict, context_turns: int = 0) -> str | None:
+    """What retrieval embeds. Completions: the prompt (first one of a batch). Chat, messages and
+    responses: the last user turn, after the `context_turns` user turns before it (oldest first,
+    one per line), so a follow-up ("and how is it treated?") keeps the conversation's domain;
+    the resolver embeds only the end of it (query_max_tokens), which always holds the last turn."""
     def content_text(c):
         if isinstance(c, str):
             return c
@@ -63,12 +66,14 @@ def query_text(kind: str, body: dict) -> str | None:
                              ("text", "input_text") and isinstance(p.get("text"), str)) or None
         return None
 
+    def user_turns(msgs):
+        turns = [content_text(m.get("content")) for m in (msgs if isinstance(msgs, list) else [])
+                 if isinstance(m, dict) and m.get("role") == "user"]
+        turns = [t for t in turns if t]
+        return "\n".join(turns[-1 - context_turns:]) if turns else None
+
     if kind in ("chat", "messages"):
-        msgs = body.get("messages")
-        for m in reversed(msgs if isinstance(msgs, list) else []):
-            if isinstance(m, dict) and m.get("role") == "user":
-                return content_text(m.get("content"))
-        return None
+        return user_turns(body.get("messages"))
     if kind == "completion":
         p = body.get("prompt")
         if isinstance(p, str):
@@ -79,11 +84,7 @@ def query_text(kind: str, body: dict) -> str | None:
     inp = body.get("input")
     if isinstance(inp, str):
         return inp
-    if isinstance(inp, list):
-        for m in reversed(inp):
-            if isinstance(m, dict) and m.get("role") == "user":
-                return content_text(m.get("content"))
-    return None
+    return user_turns(inp)
 
 
 def _kind(route: str, body: dict) -> str:
@@ -131,7 +132,9 @@ class WragEndpoint:
         if self.cfg.admin_writes and not self.tokens:
             log.error("WRAG: admin_writes is set but the server has no --api-key: admin writes stay off")
         if self.cfg.enabled:
-            await asyncio.get_running_loop().run_in_executor(self.executor, lambda: self.resolver.store)
+            # open the store and load the embedder now, not on the first request's path
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: self.resolver.store.embedder.embed(["warm up"]))
             log.info("WRAG: front end ready (top_k %d, method %s, admin writes %s)", self.cfg.top_k,
                      self.cfg.method, "on" if self.cfg.admin_writes and self.tokens else "off")
 
@@ -150,7 +153,7 @@ class WragEndpoint:
             raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
         xargs = dict(xargs or {})
         controls: RequestControls = parse_controls(xargs, self.cfg)
-        text = None if (controls.explicit or controls.off) else query_text(kind, body)
+        text = None if (controls.explicit or controls.off) else query_text(kind, body, self.cfg.query_context_turns)
         t0 = time.perf_counter()
         plan = await self.run(self.resolver.resolve, text, controls)
         if plan.source == "retrieved" or text is not None:

@@ -99,7 +99,7 @@ class Plan:
         return ",".join(f"{i}={w:.4g}" for i, w in zip(self.ids, self.weights))
 
     def scores_header(self) -> str:
-        """x-wrag-scores: id=cosine,... for retrieved shards, '-' when none were retrieved."""
+        """x-wrag-scores: id=p,... (relevance probability) for retrieved shards, '-' when none were retrieved."""
         if self.empty or not self.scores:
             return "-"
         return ",".join(f"{i}={s:.4f}" for i, s in zip(self.ids, self.scores))

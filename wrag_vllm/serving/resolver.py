@@ -1,8 +1,11 @@
 """Retrieval and the score → weight rule: request text + controls → a Plan.
 
-Retrieved shards (cosine scores c_1 ≥ … ≥ c_k from ShardStore.search, kept if c_i ≥ threshold):
+Retrieved shards (relevance probabilities p_1 ≥ … ≥ p_k from ShardStore.search, the probability
+that the text belongs to shard i's domain; kept if p_i ≥ threshold):
 
-    w_i = softmax(c / T)_i = exp(c_i / T) / Σ_j exp(c_j / T)        (T = temperature)
+    w_i = softmax(z / T)_i = exp(z_i / T) / Σ_j exp(z_j / T),   z_i = logit(p_i) = ln(p_i / (1 − p_i))
+
+(T = temperature; at T = 1 the weights are proportional to the odds p_i / (1 − p_i)).
 
 Explicit shards (wrag_shards) take wrag_weights as given, else equal weights 1/k.
 
@@ -24,7 +27,9 @@ import math
 import threading
 from concurrent.futures import Future
 
+from ..lru import ByteLRU
 from ..store import ShardStore
+from ..store.relevance import logit
 from .config import WragConfig
 from .controls import RequestControls, RequestError, check_method_params
 from .plan import Plan
@@ -48,22 +53,32 @@ def softmax_weights(scores: list[float], temperature: float) -> list[float]:
     return [x / z for x in e]
 
 
+def retrieval_weights(probs: list[float], temperature: float) -> list[float]:
+    """The weights of kept shards of relevance probabilities `probs` (module doc)."""
+    return softmax_weights([logit(p) for p in probs], temperature)
+
+
 class EmbedBatcher:
-    """Concurrent requests share one embedder call.
+    """Concurrent requests share one embedder call; repeated queries are not embedded again.
 
     A caller that finds no batch in flight becomes the leader: it embeds every query queued so far,
     hands each caller its vector, and repeats until the queue is empty. A burst of 8 queries costs
-    about one batched MiniLM call instead of 8 calls in a row.
+    about one batched MiniLM call instead of 8 calls in a row. Vectors are kept by query text in an
+    LRU of `cache_bytes` (a query vector is 1.5 KB: 8 MiB hold ~5,000), keyed by the embedder too.
     """
 
-    def __init__(self):
+    def __init__(self, cache_bytes: int = 8 << 20):
         self._lock = threading.Lock()
         self._queue: list[tuple[str, Future]] = []
         self._busy = False
+        self.cache = ByteLRU(cache_bytes)
 
     def embed(self, store, text: str):
+        key = (store.embedder_name, text)
         fut: Future = Future()
         with self._lock:
+            if (vec := self.cache.get(key)) is not None:
+                return vec
             self._queue.append((text, fut))
             lead = not self._busy
             self._busy = True
@@ -75,6 +90,9 @@ class EmbedBatcher:
                     break
             try:
                 vecs = store.embedder.embed([t for t, _ in batch])
+                with self._lock:
+                    for (t, _), v in zip(batch, vecs):
+                        self.cache.put((store.embedder_name, t), v, v.nbytes)
                 for (_, f), v in zip(batch, vecs):
                     f.set_result(v)
             except BaseException as e:  # every waiter hears of the failure, none hangs
@@ -115,8 +133,9 @@ class Resolver:
     def composite_needed(self, method: str, k: int) -> bool:
         return not (method == "linear" and k <= self.cfg.k_max)
 
-    def resolve(self, text: str | None, c: RequestControls) -> Plan:
-        """Raises RequestError for unknown ids or a set that cannot be served."""
+    def resolve(self, text: str | None, c: RequestControls, vec=None) -> Plan:
+        """Raises RequestError for unknown ids or a set that cannot be served. vec: the query's
+        embedding (dim,) when the caller embedded it already (batches)."""
         cfg = self.cfg
         method = c.method or cfg.method
         params = {**cfg.method_params, **(c.params or {})} if (c.method is None or c.method == cfg.method) \
@@ -144,7 +163,8 @@ class Resolver:
                 return Plan(method=method, params=params, source="none", generation=gen)
             k = c.top_k or cfg.top_k
             thr = cfg.threshold if c.threshold is None else c.threshold
-        vec = self._batcher.embed(store, query_tail(text, cfg.query_max_tokens))  # outside the lock: concurrent requests share one call
+        if vec is None:  # outside the lock: concurrent requests share one call
+            vec = self._batcher.embed(store, query_tail(text, cfg.query_max_tokens))
         with self._lock:
             hits = [(i, float(s)) for i, s in store.search_vector(vec, k=k) if float(s) >= thr]
             if not hits:
@@ -155,7 +175,7 @@ class Resolver:
             params = self._budget(params, [rank_of[i] for i, _ in hits], method)
             ids = [i for i, _ in hits]
             scores = [s for _, s in hits]
-            return Plan(ids, softmax_weights(scores, cfg.temperature), method, params, scores, "retrieved", gen)
+            return Plan(ids, retrieval_weights(scores, cfg.temperature), method, params, scores, "retrieved", gen)
 
     # ranks: a slot holds rank ≤ max_rank; a composite of k shards has rank ≤ min(Σ r_i, its max_rank)
     def _rank(self, meta: dict) -> int:

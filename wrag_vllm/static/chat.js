@@ -1,6 +1,6 @@
 // WRAG chat page. Plain JS, no framework, no build: talks to the server that served it.
 //   chat:   POST /v1/chat/completions (stream: true); the response headers x-wrag-shards ("id=weight,..."
-//           or "-"), x-wrag-scores ("id=cosine,..."), x-wrag-method and x-wrag-source say which
+//           or "-"), x-wrag-scores ("id=relevance p,..."), x-wrag-method and x-wrag-source say which
 //           shards were applied
 //   store:  GET/POST /wrag/shards, DELETE /wrag/shards/{id}, GET /wrag/config
 // Every text from the server is put into the page with textContent (never parsed as HTML).
@@ -298,7 +298,7 @@
         el("td", { class: "actions" }, pinButton(s.id))));
     }
     box.append(el("table", { class: "table" },
-      el("thead", {}, el("tr", {}, ...["shard", "description", "score", "weight", ""].map(
+      el("thead", {}, el("tr", {}, ...["shard", "description", "relevance", "weight", ""].map(
         (t) => el("th", { scope: "col", text: t })))), tbody));
     return box;
   }
@@ -391,7 +391,7 @@
     }
   }
 
-  // Shards, weights and (for retrieved plans) cosine scores all come from the response headers.
+  // Shards, weights and (for retrieved plans) relevance probabilities all come from the response headers.
   function showPlan(card, h) {
     const shards = parseShardHeader(h.get("x-wrag-shards"));
     const scores = new Map(parseShardHeader(h.get("x-wrag-scores")).map((s) => [s.id, s.weight]));

@@ -6,7 +6,8 @@ the embeddings; a library, no server.
     sqlite_catalog.py  the catalog in SQLite
     files.py           the shard files
     index.py           the FAISS index and its on-disk cache
-    embedding.py       which texts of a shard are embedded, and how
+    embedding.py       which texts of a shard are embedded, and the vectors kept of them
+    relevance.py       the per-shard relevance heads: what makes a score a probability
     location.py        where a store lives
     crash.py           crash points for the crash-safety tests
 """

@@ -1,6 +1,7 @@
 """The catalog: the store's source of truth, and the interface ShardStore reads and writes it through.
 
-The catalog holds one row per shard (its metadata and its embedding) and the store's own facts:
+The catalog holds one row per shard (its metadata, its index vector — the relevance head of
+relevance.py — and its text vectors) and the store's own facts:
 the base model it is bound to, the embedder that made its vectors, an epoch and a generation.
 
 - Each row has a `fid`, the shard's id in the FAISS index. fids are never reused and are assigned
@@ -35,13 +36,14 @@ class Entry:
     name: str
     description: str
     samples: list[str]
+    queries: list[str]  # requests the shard should serve, as users phrase them
     rank: int
     targets: list[str]  # module names
     layers: list[int]
     bytes: int  # file size
     provenance: dict
     allow_attention: bool
-    embed_source: str  # description | samples | description+samples | given
+    embed_source: str  # the texts embedded ("description+samples+queries", ...) or "given"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class CatalogState:
     embedder_name: str
     embedder_dim: int
     base: BaseFingerprint | None
+    stale_heads: bool = False  # rows of an older schema whose heads `reindex` must fit
 
 
 class Catalog(abc.ABC):
@@ -95,7 +98,11 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def vectors(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The embeddings of rows `fids`: (vectors (n, dim) float32, their fids (n,) int64)."""
+        """The index vectors of rows `fids`: (vectors (n, dim + 1) float32, their fids (n,) int64)."""
+
+    @abc.abstractmethod
+    def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
+        """fid -> the text vectors (m, dim) float32 of those rows `fids` that have them."""
 
     @abc.abstractmethod
     def files(self) -> set[str]:
@@ -103,7 +110,7 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def bad_embeddings(self, dim: int) -> list[tuple[str, int]]:
-        """(shard id, size in bytes) of the rows whose embedding is not `dim` float32 values."""
+        """(shard id, size in bytes) of the rows whose index vector is not `dim` float32 values."""
 
     @abc.abstractmethod
     def nbytes(self) -> int:
@@ -115,19 +122,21 @@ class Catalog(abc.ABC):
         """Record `base` as the store's base model (the generation stays)."""
 
     @abc.abstractmethod
-    def add(self, entries: Sequence[Entry], vecs: np.ndarray, replace: Sequence[str],
-            base: BaseFingerprint | None) -> tuple[int, list[int]]:
-        """One transaction: delete the rows of ids `replace`, insert `entries` with their vectors
-        (n, dim), record `base` unless None. Returns (new generation, the new rows' fids)."""
+    def add(self, entries: Sequence[Entry], vecs: np.ndarray, texts: Sequence[np.ndarray],
+            replace: Sequence[str], base: BaseFingerprint | None) -> tuple[int, list[int]]:
+        """One transaction: delete the rows of ids `replace`, insert `entries` with their index
+        vectors (n, dim + 1) and text vectors (m_i, dim), record `base` unless None. Returns (new
+        generation, the new rows' fids)."""
 
     @abc.abstractmethod
     def remove(self, fid: int) -> int:
         """Delete row `fid`. Returns the new generation."""
 
     @abc.abstractmethod
-    def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, str]]) -> int:
-        """Replace every row's embedding and embed_source by `updates` (fid, vector, source), record
-        `embedder`, start a new epoch. Returns the new generation."""
+    def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, np.ndarray, str]]) -> int:
+        """Replace every row's index vector, text vectors and embed_source by `updates` (fid,
+        vector, text vectors, source), record `embedder`, start a new epoch, clear stale_heads.
+        Returns the new generation."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

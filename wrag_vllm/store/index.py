@@ -1,8 +1,8 @@
-"""The FAISS index of shard embeddings, kept in step with the catalog and cached in index.faiss.
+"""The FAISS index of the shards' relevance heads, kept in step with the catalog and cached in index.faiss.
 
-Every vector is L2-normalised, so the inner product is the cosine, score(q, s) = e(q)·v_s = cos(e(q), v_s),
-and search returns the k shards of highest score (IndexIDMap2 over IndexFlatIP: exact search). The
-index's ids are the catalog's fids.
+Each row is a head h_s = [w_s, b_s] (dim + 1) and each query row is [e(q), 1] (relevance.py), so the
+inner product is the logit of p_s(q), and search returns the k shards of highest logit
+(IndexIDMap2 over IndexFlatIP: exact search). The index's ids are the catalog's fids.
 
 The file is only a cache, keyed by the (epoch, generation) it reflects: a header (magic, epoch,
 generation, ntotal, dim) then faiss.serialize_index bytes, replaced atomically (temp file, rename).
@@ -24,6 +24,7 @@ import numpy as np
 
 from .catalog import Catalog, CatalogState
 from .crash import crash_point
+from .relevance import head_dim
 
 INDEX = "index.faiss"
 FAISS_THREADS = int(os.environ.get("WRAG_FAISS_THREADS", "1"))  # for batches under _BIG_BATCH queries
@@ -56,15 +57,22 @@ class IndexCache:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     def search(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """(shard id, score) of the k best rows, best first, for each unit query row of q (n, dim)."""
+        """(shard id, logit) of the k best rows, best first, for each query row of q (n, dim + 1)."""
+        m = self.ids
+        return [[(m[f], s) for f, s in row if m.get(f)] for row in self._search(q, k)]
+
+    def nearest(self, q: np.ndarray, k: int) -> list[list[int]]:
+        """The fids of the k best rows, best first, for each query row of q (n, dim + 1)."""
+        return [[f for f, _ in row] for row in self._search(q, k)]
+
+    def _search(self, q: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         n = self.index.ntotal
         if n == 0 or k <= 0:
             return [[] for _ in range(len(q))]
         # per call: OpenMP thread counts are per calling thread (server threads differ)
         faiss.omp_set_num_threads(FAISS_THREADS if len(q) < _BIG_BATCH else (os.cpu_count() or 1))
         scores, fids = self.index.search(q, min(int(k), n))
-        m = self.ids
-        return [[(m[f], float(s)) for s, f in zip(srow, frow) if f >= 0 and m.get(f)]
+        return [[(f, s) for s, f in zip(srow, frow) if f >= 0]
                 for srow, frow in zip(scores.tolist(), fids.tolist())]
 
     # ------------------------------------------------------------------ keeping up with the catalog
@@ -72,8 +80,8 @@ class IndexCache:
         """Bring the index to the catalog's state by a diff; returns that state."""
         with catalog.snapshot():
             st = catalog.state()
-            if st.epoch != self.epoch or self.index.d != st.embedder_dim:
-                self.index, self.ids, self.ids_known = _new_index(st.embedder_dim), {}, True
+            if st.epoch != self.epoch or self.index.d != head_dim(st.embedder_dim):
+                self.index, self.ids, self.ids_known = _new_index(head_dim(st.embedder_dim)), {}, True
                 self.epoch = st.epoch
             # Adds only (the common case): rows newer than ours have higher fids, so if the known
             # rows plus the newer ones are all the rows, nothing was removed.

@@ -1,12 +1,13 @@
 """ShardStore: shards for one base model, searchable by text; a library, no server.
 
 A store folder holds
-    catalog.sqlite  the catalog (sqlite_catalog.py): every shard's metadata and embedding, the
-                    base model, the embedder, the generation. The source of truth.
+    catalog.sqlite  the catalog (sqlite_catalog.py): every shard's metadata, relevance head and
+                    text vectors, the base model, the embedder, the generation. The source of truth.
     shards/         one safetensors file per shard (files.py)
-    index.faiss     a cache of the FAISS index of the embeddings (index.py)
+    index.faiss     a cache of the FAISS index of the relevance heads (index.py)
     .lock           what the writers of all processes serialise on
-ShardStore composes them and keeps them consistent.
+ShardStore composes them and keeps them consistent. A search scores every shard by the
+probability that the text belongs to its domain (relevance.py).
 
 Crash safety: a SIGKILL at any instant leaves a consistent store. A write runs under the
 catalog's write lock and
@@ -40,9 +41,11 @@ from ..fingerprint import BaseFingerprint
 from ..shard import Shard, id_problem, load_shard
 from .catalog import Catalog, Entry, Row
 from .crash import crash_point
-from .embedding import embed_source, given_embeddings, shard_embeddings
+from .embedding import centroid, embed_source, given_embeddings, stored_rows, text_vectors
 from .files import SHARDS, ShardFiles
 from .index import INDEX, IndexCache
+from .relevance import (NEIGHBOURS, background_vectors, cosine_head, fit_head, head_dim, probability,
+                        query_rows)
 from .location import default_store_path, store_location
 from .sqlite_catalog import SqliteCatalog
 
@@ -62,8 +65,10 @@ class ShardStore:
             self._check_embedder(embedder)
         self._embedder = embedder
         self._files = ShardFiles(self.root / SHARDS)
-        self._index = IndexCache(self.root / INDEX, self._emb_dim)
+        self._index = IndexCache(self.root / INDEX, head_dim(self._emb_dim))
         self._cleanup()
+        if st.stale_heads:
+            self._upgrade()
         with self._mu:
             self._sync()
         if self._index.stale:
@@ -157,8 +162,9 @@ class ShardStore:
             embedding: np.ndarray | None = None) -> dict:
         """Validate, store and index one shard; returns its meta row.
 
-        embedding: optional precomputed (dim,) vector (e.g. bulk imports); it is normalised. The
-        shard still needs a description or samples (they are what `reindex` re-embeds).
+        embedding: optional precomputed (dim,) vector (e.g. bulk imports); it is normalised and
+        scored by the fixed cosine head (relevance.py). The shard still needs a description or
+        samples (they are what `reindex` re-embeds).
         """
         embs = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(1, -1)
         return self.add_many([shard], allow_attention=allow_attention, overwrite=overwrite,
@@ -167,18 +173,20 @@ class ShardStore:
     def add_many(self, shards: Iterable[Shard], allow_attention: bool = False, overwrite: bool = False,
                  embeddings: np.ndarray | None = None) -> list[dict]:
         """Add shards all-or-nothing in one transaction (one generation bump); embeddings (n, dim)
-        optional. Texts are embedded in one batched call. Returns the meta rows in order."""
+        optional. Texts are embedded in one batched call, and each shard's relevance head is fitted
+        against the background and its neighbours. Returns the meta rows in order."""
         shards = list(shards)
         if not shards:
             return []
         self._check(shards, allow_attention)  # no lock yet: nothing is touched
-        vecs, sources = self._embed(shards, embeddings)
+        vecs, texts, sources = self._embed(shards, embeddings)
         with self._catalog.write_lock():
             base, replaced = self._check_locked(shards, overwrite)
             files = self._files.write(shards, [replaced[s.id].file if s.id in replaced else None
                                                for s in shards])
             try:
-                gen, fids = self._commit_add(shards, files, vecs, sources, allow_attention, base, replaced)
+                gen, fids = self._commit_add(shards, files, vecs, texts, sources, allow_attention, base,
+                                             replaced)
             except BaseException:
                 self._files.unlink(name for name, _ in files)  # nothing committed: the new files are garbage
                 raise
@@ -202,18 +210,45 @@ class ShardStore:
             if sh.id in seen:
                 raise StoreError(f"shard id {sh.id!r} appears twice in one add")
             seen.add(sh.id)
-            if not embed_source(sh.description, sh.samples):
-                raise StoreError(f"shard {sh.id!r} has an empty description and no samples: the store "
-                                 f"retrieves shards by embedding these texts; give it a description "
-                                 f"or sample prompts")
+            if not embed_source(sh.description, sh.samples, sh.queries):
+                raise StoreError(f"shard {sh.id!r} has an empty description and no samples or queries: the store "
+                                 f"retrieves shards by these texts; give it a description, samples "
+                                 f"or queries")
 
-    def _embed(self, shards: list[Shard], embeddings: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
-        """The shards' vectors (n, dim) and how each was made: given, or by the embedding rule."""
+    def _embed(self, shards: list[Shard],
+               embeddings: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+        """The shards' heads (n, dim + 1), text vectors (m_i, dim) and how each was made: given,
+        or by the embedding rule."""
         if embeddings is not None:
             vecs = given_embeddings(embeddings, len(shards), self._emb_dim, self._emb_name)
-            return vecs, ["given"] * len(shards)
-        vecs = shard_embeddings(self.embedder, [(s.description, s.samples) for s in shards])
-        return vecs, [embed_source(s.description, s.samples) for s in shards]
+            return np.stack([cosine_head(v) for v in vecs]), [v[None] for v in vecs], ["given"] * len(shards)
+        items = [(s.description, s.samples, s.queries) for s in shards]
+        tvs = text_vectors(self.embedder, items)
+        heads = self._fit_heads(tvs, [bool(d.strip()) for d, _, _ in items], {s.id for s in shards})
+        return heads, [stored_rows(t) for t in tvs], [embed_source(*it) for it in items]
+
+    def _fit_heads(self, tvs: list[np.ndarray], has_desc: list[bool], new_ids: set[str],
+                   existing: bool = True) -> np.ndarray:
+        """Heads (n, dim + 1) of shards with text vectors tvs: negatives are the background, the
+        texts of the NEIGHBOURS shards of the store whose heads score each centroid highest (when
+        `existing`; the shards of `new_ids` excepted), and those of the NEIGHBOURS nearest centroids
+        among tvs themselves."""
+        bg = background_vectors(self.embedder)
+        cents = np.stack([centroid(tv, d) for tv, d in zip(tvs, has_desc)])
+        near_new = _nearest_rows(cents, NEIGHBOURS)
+        near_old: list[list[int]] = [[] for _ in tvs]
+        old_texts: dict[int, np.ndarray] = {}
+        if existing:
+            with self._mu:
+                skip = {f for f, i in self._index.ids.items() if i in new_ids}
+                near_old = [[f for f in row if f not in skip][:NEIGHBOURS]
+                            for row in self._index.nearest(query_rows(cents), NEIGHBOURS + len(skip))]
+            old_texts = self._catalog.text_vectors(sorted({f for row in near_old for f in row}))
+        heads = []
+        for i, tv in enumerate(tvs):
+            neg = [bg] + [old_texts[f] for f in near_old[i] if f in old_texts] + [tvs[j] for j in near_new[i]]
+            heads.append(fit_head(tv, np.concatenate(neg)))
+        return np.stack(heads)
 
     def _check_locked(self, shards: list[Shard],
                       overwrite: bool) -> tuple[BaseFingerprint | None, dict[str, Row]]:
@@ -229,7 +264,8 @@ class ShardStore:
         return base, replaced
 
     def _commit_add(self, shards: list[Shard], files: list[tuple[str, int]], vecs: np.ndarray,
-                    sources: list[str], allow_attention: bool, base: BaseFingerprint | None,
+                    texts: list[np.ndarray], sources: list[str], allow_attention: bool,
+                    base: BaseFingerprint | None,
                     replaced: dict[str, Row]) -> tuple[int, list[int]]:
         """The catalog transaction: rows in, replaced rows out; an empty store is bound to the
         shards' base, and facts its record lacks are filled in. Returns (generation, fids)."""
@@ -238,11 +274,12 @@ class ShardStore:
             merged = merged.merged(sh.base)
         record = None if base is not None and merged.to_dict() == base.to_dict() else merged
         entries = [Entry(id=sh.id, file=name, name=sh.name or sh.id, description=sh.description,
-                         samples=list(sh.samples), rank=sh.rank, targets=sh.target_modules,
+                         samples=list(sh.samples), queries=list(sh.queries), rank=sh.rank,
+                         targets=sh.target_modules,
                          layers=sorted({l for l, _ in sh.factors}), bytes=nbytes, provenance=sh.provenance,
                          allow_attention=bool(allow_attention), embed_source=src)
                    for sh, (name, nbytes), src in zip(shards, files, sources)]
-        gen, fids = self._catalog.add(entries, vecs, replace=list(replaced), base=record)
+        gen, fids = self._catalog.add(entries, vecs, texts, replace=list(replaced), base=record)
         self._base = record or base
         return gen, fids
 
@@ -265,19 +302,32 @@ class ShardStore:
             self._update_index(gen, [row.fid], {}, None)
 
     def reindex(self, embedder: Embedder | None = None) -> int:
-        """Re-embed every shard's texts with `embedder` (default: the store's) and switch the store to
-        it. Precomputed ('given') embeddings are replaced by text embeddings. Returns the count."""
-        emb = embedder or self.embedder
+        """Re-embed every shard's texts with `embedder` (default: the store's), refit every head with
+        the whole store as neighbours, and switch the store to the embedder. Precomputed ('given')
+        embeddings are replaced by text embeddings. Returns the count."""
         with self._catalog.write_lock():
-            rows = self._catalog.rows()
-            vecs = shard_embeddings(emb, [(r.description, r.samples) for r in rows]) if rows else []
-            self._catalog.reembed(emb, [(r.fid, v, embed_source(r.description, r.samples))
-                                        for r, v in zip(rows, vecs)])
-            self._emb_name, self._emb_dim, self._embedder = emb.name, int(emb.dim), emb
-            with self._mu:
-                self._sync()
+            n = self._reindex_locked(embedder or self.embedder)
         self._persist_index()
+        return n
+
+    def _reindex_locked(self, emb: Embedder) -> int:
+        rows = self._catalog.rows()
+        items = [(r.description, r.samples, r.queries) for r in rows]
+        self._embedder, self._emb_name, self._emb_dim = emb, emb.name, int(emb.dim)
+        tvs = text_vectors(emb, items) if rows else []
+        heads = self._fit_heads(tvs, [bool(d.strip()) for d, _, _ in items], set(), existing=False) \
+            if rows else []
+        self._catalog.reembed(emb, [(r.fid, h, stored_rows(t), embed_source(*it))
+                                    for r, h, t, it in zip(rows, heads, tvs, items)])
+        with self._mu:
+            self._sync()
         return len(rows)
+
+    def _upgrade(self) -> None:
+        """Fit the heads of a store upgraded from schema 1 (once, by the first opener)."""
+        with self._catalog.write_lock():
+            if self._catalog.state().stale_heads:
+                self._reindex_locked(self.embedder)
 
     # ------------------------------------------------------------------ reads
     def list(self) -> list[dict]:
@@ -295,12 +345,19 @@ class ShardStore:
             raise StoreError(f"shard {shard_id!r} has no file {path} (removed by another process?)")
         return load_shard(path, allow_attention=row.allow_attention)
 
+    def text_vectors(self, shard_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """shard id -> the text vectors (≤ STORED_ROWS, dim) the catalog keeps of it (embedding.py)."""
+        rows = self._catalog.rows(list(shard_ids))
+        tv = self._catalog.text_vectors([r.fid for r in rows])
+        return {r.id: tv[r.fid] for r in rows if r.fid in tv}
+
     def path(self, shard_id: str) -> Path:
         """Path of the shard's safetensors file."""
         return self._files.path(self._row(shard_id).file)
 
     def search(self, text: str, k: int = 5) -> list[tuple[str, float]]:
-        """(id, cosine score) of the k shards nearest to `text`, best first."""
+        """(id, p) of the k shards most likely to own `text`, best first; p is the probability of
+        the shard's relevance head (relevance.py)."""
         return self.search_many([text], k)[0]
 
     def search_many(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
@@ -324,9 +381,10 @@ class ShardStore:
             raise StoreError(f"query vectors have shape {tuple(q.shape)}, store expects (n, {self._emb_dim})")
         if not np.isfinite(q).all():
             raise StoreError("query vector contains NaN or Inf values")
-        q = normalize_rows(q)
+        q = query_rows(normalize_rows(q))
         with self._mu:
-            return self._index.search(q, k)
+            hits = self._index.search(q, k)
+        return [[(i, probability(z)) for i, z in row] for row in hits]
 
     def refresh(self) -> bool:
         """Catch up with commits of other processes/connections. True if anything changed."""
@@ -350,14 +408,14 @@ class ShardStore:
             with self._catalog.snapshot():
                 rows = self._catalog.rows()
                 gen = self._catalog.state().generation
-                bad = dict(self._catalog.bad_embeddings(self._emb_dim))
+                bad = dict(self._catalog.bad_embeddings(head_dim(self._emb_dim)))
             files = self._files.names()
             for r in rows:
                 if r.file not in files:
                     problems.append(f"shard {r.id!r}: file {r.file} missing")
                 if r.id in bad:
                     problems.append(f"shard {r.id!r}: embedding has {bad[r.id]} bytes, expected "
-                                    f"{4 * self._emb_dim}")
+                                    f"{4 * head_dim(self._emb_dim)}")
             for f in sorted(files - {r.file for r in rows}):
                 problems.append(f"orphan file shards/{f}")
             if gen == self._index.generation:
@@ -403,6 +461,7 @@ class ShardStore:
 
     def _meta(self, r: Row) -> dict:
         return {"id": r.id, "name": r.name, "description": r.description, "samples": r.samples,
+                "queries": r.queries,
                 "rank": r.rank, "targets": r.targets, "layers": r.layers, "bytes": r.bytes,
                 "added_at": r.added_at, "provenance": r.provenance, "allow_attention": r.allow_attention,
                 "embed_source": r.embed_source, "path": str(self._files.path(r.file))}
@@ -430,3 +489,16 @@ class ShardStore:
             state, data = self._index.image()
         with self._catalog.write_lock():
             self._index.write(state, data)
+
+
+def _nearest_rows(c: np.ndarray, k: int) -> list[list[int]]:
+    """For each unit row of c (n, dim), the indices of the (at most) k other rows of highest cosine."""
+    out = []
+    for i in range(0, len(c), 1024):
+        sims = c[i:i + 1024] @ c.T  # (≤1024, n)
+        for r, row in enumerate(sims):
+            row[i + r] = -np.inf
+            kk = min(k, len(c) - 1)
+            top = np.argpartition(-row, kk - 1)[:kk] if kk > 0 else np.empty(0, dtype=np.int64)
+            out.append(top[np.argsort(-row[top])].tolist())
+    return out

@@ -2,10 +2,14 @@
 
 Tables:
     meta     key -> value: schema_version, base (fingerprint JSON), embedder_name, embedder_dim,
-             epoch, generation
+             epoch, generation, stale_heads (after an upgrade from schema 1)
     shards   one row per shard: its Entry (lists and dicts as JSON), fid (INTEGER PRIMARY KEY
-             AUTOINCREMENT: never reused, assigned in commit order), added_at and the embedding
-             (float32 blob, unit norm)
+             AUTOINCREMENT: never reused, assigned in commit order), added_at, the index vector
+             (`embedding`: float32 (dim + 1), the relevance head) and the text vectors (float16
+             (m, dim))
+
+Schema 1 (cosine centroids, no queries) is upgraded in place on open: the new columns are added
+and stale_heads set, and ShardStore refits every head from the rows' texts (`reindex`).
 
 The journal is a WAL, so readers never block the writer. Writers of all processes serialise on an
 fcntl.flock of `.lock`, plus a threading.Lock, because flock does not exclude the threads of one
@@ -35,7 +39,7 @@ from .crash import crash_point
 
 CATALOG = "catalog.sqlite"
 LOCK = ".lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHUNK = 500  # values per IN (...) list, below SQLite's limit on query parameters
 
 _SCHEMA = """
@@ -47,22 +51,26 @@ CREATE TABLE IF NOT EXISTS shards (
     name TEXT NOT NULL,
     description TEXT NOT NULL,
     samples TEXT NOT NULL,                   -- JSON list
+    queries TEXT NOT NULL DEFAULT '[]',      -- JSON list
     rank INTEGER NOT NULL,
     targets TEXT NOT NULL,                   -- JSON list of module names
     layers TEXT NOT NULL,                    -- JSON list of layer indices
     bytes INTEGER NOT NULL,                  -- file size
     provenance TEXT NOT NULL,                -- JSON
     allow_attention INTEGER NOT NULL,
-    embed_source TEXT NOT NULL,              -- description | samples | description+samples | given
+    embed_source TEXT NOT NULL,              -- the texts embedded, or given
     added_at TEXT NOT NULL,                  -- ISO 8601 UTC
-    embedding BLOB NOT NULL                  -- float32 (dim,), unit norm
+    embedding BLOB NOT NULL,                 -- float32 (dim + 1,): the relevance head [w, b]
+    text_vectors BLOB                        -- float16 (m, dim), NULL until reindex after an upgrade
 );
 """
-_COLS = ("fid, id, file, name, description, samples, rank, targets, layers, bytes, provenance, "
+_COLS = ("fid, id, file, name, description, samples, queries, rank, targets, layers, bytes, provenance, "
          "allow_attention, embed_source, added_at")
-_INSERT = ("INSERT INTO shards (id, file, name, description, samples, rank, targets, layers, bytes, "
-           "provenance, allow_attention, embed_source, added_at, embedding) "
-           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_INSERT = ("INSERT INTO shards (id, file, name, description, samples, queries, rank, targets, layers, bytes, "
+           "provenance, allow_attention, embed_source, added_at, embedding, text_vectors) "
+           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_UPGRADE_1 = ("ALTER TABLE shards ADD COLUMN queries TEXT NOT NULL DEFAULT '[]'",
+              "ALTER TABLE shards ADD COLUMN text_vectors BLOB")
 
 
 class SqliteCatalog(Catalog):
@@ -104,6 +112,14 @@ class SqliteCatalog(Catalog):
                              ("embedder_name", emb.name), ("embedder_dim", str(emb.dim)),
                              ("epoch", secrets.token_hex(16))):
                     c.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, v))
+                meta = dict(c.execute("SELECT key, value FROM meta"))
+        if int(meta["schema_version"]) == 1:
+            with self.write_lock(), self._tx() as c:
+                if c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1":
+                    for stmt in _UPGRADE_1:
+                        c.execute(stmt)
+                    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('stale_heads', '1')")
                 meta = dict(c.execute("SELECT key, value FROM meta"))
         if int(meta["schema_version"]) != SCHEMA_VERSION:
             raise StoreError(f"store {self.root} has catalog schema {meta['schema_version']}, this build "
@@ -168,7 +184,8 @@ class SqliteCatalog(Catalog):
             meta = dict(self._conn.execute("SELECT key, value FROM meta"))
         base = BaseFingerprint.from_dict(json.loads(meta["base"])) if "base" in meta else None
         return CatalogState(generation=int(meta["generation"]), epoch=meta["epoch"], base=base,
-                            embedder_name=meta["embedder_name"], embedder_dim=int(meta["embedder_dim"]))
+                            embedder_name=meta["embedder_name"], embedder_dim=int(meta["embedder_dim"]),
+                            stale_heads=meta.get("stale_heads") == "1")
 
     def generation(self) -> int:
         with self._mu:
@@ -206,6 +223,13 @@ class SqliteCatalog(Catalog):
         vecs = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
         return np.ascontiguousarray(vecs), np.asarray([f for f, _ in rows], dtype=np.int64)
 
+    def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
+        with self._mu:
+            dim = int(self._conn.execute("SELECT value FROM meta WHERE key='embedder_dim'").fetchone()[0])
+            rows = self._select_in("SELECT fid, text_vectors FROM shards WHERE fid IN ({}) AND "
+                                   "text_vectors IS NOT NULL", list(fids))
+        return {f: np.frombuffer(b, dtype=np.float16).reshape(-1, dim).astype(np.float32) for f, b in rows}
+
     def files(self) -> set[str]:
         with self._mu:
             return {r[0] for r in self._conn.execute("SELECT file FROM shards")}
@@ -223,14 +247,14 @@ class SqliteCatalog(Catalog):
         with self._tx() as c:
             c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(base.to_dict()),))
 
-    def add(self, entries: Sequence[Entry], vecs: np.ndarray, replace: Sequence[str],
-            base: BaseFingerprint | None) -> tuple[int, list[int]]:
+    def add(self, entries: Sequence[Entry], vecs: np.ndarray, texts: Sequence[np.ndarray],
+            replace: Sequence[str], base: BaseFingerprint | None) -> tuple[int, list[int]]:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
         with self._commit() as (c, gen):
             if base is not None:
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(base.to_dict()),))
             c.executemany("DELETE FROM shards WHERE id = ?", [(i,) for i in replace])
-            fids = [c.execute(_INSERT, _values(e, v, now)).lastrowid for e, v in zip(entries, vecs)]
+            fids = [c.execute(_INSERT, _values(e, v, t, now)).lastrowid for e, v, t in zip(entries, vecs, texts)]
             crash_point("add:before_commit")
         return gen, fids
 
@@ -240,11 +264,11 @@ class SqliteCatalog(Catalog):
             crash_point("remove:before_commit")
         return gen
 
-    def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, str]]) -> int:
+    def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, np.ndarray, str]]) -> int:
         with self._commit() as (c, gen):
-            c.executemany("UPDATE shards SET embedding = ?, embed_source = ? WHERE fid = ?",
-                          [(np.ascontiguousarray(v, dtype=np.float32).tobytes(), src, fid)
-                           for fid, v, src in updates])
+            c.executemany("UPDATE shards SET embedding = ?, text_vectors = ?, embed_source = ? WHERE fid = ?",
+                          [(_f32(v), _f16(t), src, fid) for fid, v, t, src in updates])
+            c.execute("DELETE FROM meta WHERE key = 'stale_heads'")
             for k, v in (("embedder_name", embedder.name), ("embedder_dim", str(embedder.dim)),
                          ("epoch", secrets.token_hex(16))):
                 c.execute("UPDATE meta SET value = ? WHERE key = ?", (v, k))
@@ -256,15 +280,24 @@ class SqliteCatalog(Catalog):
             os.close(self._lockfd)
 
 
-def _values(e: Entry, vec: np.ndarray, added_at: str) -> tuple:
-    return (e.id, e.file, e.name, e.description, json.dumps(list(e.samples)), e.rank, json.dumps(e.targets),
-            json.dumps(e.layers), e.bytes, json.dumps(e.provenance), int(e.allow_attention), e.embed_source,
-            added_at, np.ascontiguousarray(vec, dtype=np.float32).tobytes())
+def _f32(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+def _f16(t: np.ndarray) -> bytes:
+    return np.ascontiguousarray(t, dtype=np.float16).tobytes()
+
+
+def _values(e: Entry, vec: np.ndarray, texts: np.ndarray, added_at: str) -> tuple:
+    return (e.id, e.file, e.name, e.description, json.dumps(list(e.samples)), json.dumps(list(e.queries)),
+            e.rank, json.dumps(e.targets), json.dumps(e.layers), e.bytes, json.dumps(e.provenance),
+            int(e.allow_attention), e.embed_source, added_at, _f32(vec), _f16(texts))
 
 
 def _row(r: tuple) -> Row:
-    fid, sid, file, name, desc, samples, rank, targets, layers, nbytes, prov, attn, src, added = r
-    return Row(id=sid, file=file, name=name, description=desc, samples=json.loads(samples), rank=rank,
+    fid, sid, file, name, desc, samples, queries, rank, targets, layers, nbytes, prov, attn, src, added = r
+    return Row(id=sid, file=file, name=name, description=desc, samples=json.loads(samples),
+               queries=json.loads(queries), rank=rank,
                targets=json.loads(targets), layers=json.loads(layers), bytes=nbytes,
                provenance=json.loads(prov), allow_attention=bool(attn), embed_source=src, fid=fid,
                added_at=added)
