@@ -147,3 +147,30 @@ def test_vllm_and_hf_agree_greedy(base_dir, tmp_path):
             hf = hf[:-1]  # defensive: vLLM may omit the stop token from token_ids
         n = min(len(hf), len(v))
         assert n > 0 and hf[:n] == v[:n], f"{prompt!r}: HF {tok.decode(hf)!r} vs vLLM {tok.decode(v)!r}"
+
+
+@pytest.mark.slow
+def test_demo_store_registration_keeps_a_users_own_shard(base_dir, tmp_path):
+    """`wrag demo`'s store step: registers the four domain shards with their queries, re-registers
+    a demo shard whose retrieval texts are out of date, and never replaces a user's own shard that
+    shares a demo id."""
+    from helpers_shards import random_shard
+
+    from wrag_vllm.demo import domain_shards, ensure_store
+    from wrag_vllm.fingerprint import fingerprint_dir
+    from wrag_vllm.store import ShardStore
+
+    root = tmp_path / "store"
+    with ShardStore(root) as s:
+        s.bind_base(fingerprint_dir(base_dir))
+        mine = random_shard(s.base, "law", rank=2, description="my own law notes", scale=0.01)
+        s.add(mine)
+        old = domain_shards(["history"])["history"]
+        old.queries = []  # as an older release registered it
+        s.add(old)
+    store = ensure_store(str(root), base_dir)
+    assert sorted(r["id"] for r in store.list()) == ["computing", "history", "law", "medicine"]
+    assert store.get_meta("law")["description"] == "my own law notes"
+    assert store.get_meta("history")["queries"] == domain_shards(["history"])["history"].queries
+    assert len(store.get_meta("medicine")["queries"]) == 120
+    store.close()

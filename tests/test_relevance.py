@@ -138,11 +138,16 @@ def test_a_follow_up_keeps_the_conversation_domain(demo_store):
                          {"role": "user", "content": [{"type": "text", "text": "and how is it treated?"}]}]}
     assert query_text("chat", body, 0) == "and how is it treated?"
     q = query_text("chat", body, 2)
-    assert q == "What causes high blood pressure?\nand how is it treated?"
+    assert q == "and how is it treated?\nWhat causes high blood pressure?"
     hit = demo_store.search(q, k=1)[0]
     assert hit[0] == "medicine" and hit[1] >= 0.5, hit
     assert query_text("responses", {"input": body["messages"]}, 1) == q
     assert query_text("chat", {"messages": [{"role": "assistant", "content": "hi"}]}, 2) is None
+    # context is what a budget cuts, never the last turn; a last turn without text retrieves nothing
+    long = {"messages": [{"role": "user", "content": "x = 1\n" * 400}, body["messages"][3]]}
+    assert query_text("chat", long, 2, max_chars=1024) == "and how is it treated?"
+    image = {"messages": body["messages"][:2] + [{"role": "user", "content": [{"type": "image_url"}]}]}
+    assert query_text("chat", image, 2) is None
 
 
 def test_the_catalog_keeps_a_bounded_subset_of_text_vectors(tmp_path, minilm):

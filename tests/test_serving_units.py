@@ -310,7 +310,7 @@ def test_embed_batcher_caches_repeated_queries():
                 calls.append(list(texts))
                 return get_embedder().embed(texts)
 
-    b = EmbedBatcher(cache_bytes=3 * 384 * 4)
+    b = EmbedBatcher(cache_bytes=3 * (384 * 4 + 12))  # a vector and its key text (≤ 12 characters)
     v = b.embed(Store, "what causes high blood pressure?")
     assert np.allclose(v, get_embedder().embed(["what causes high blood pressure?"])[0], atol=1e-6)
     assert np.array_equal(b.embed(Store, "what causes high blood pressure?"), v) and len(calls) == 1

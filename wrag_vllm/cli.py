@@ -68,9 +68,9 @@ def read_queries(path: str | None) -> list[str]:
     per line); WragError naming the file (and line) otherwise."""
     if not path:
         return []
-    if Path(path).suffix == ".jsonl":
-        return _read_samples(path)
     p = Path(path)
+    if p.suffix == ".jsonl" and p.is_file():
+        return _read_samples(path)
     if not p.is_file():
         raise WragError(f"queries file not found: {path}")
     try:

@@ -63,11 +63,13 @@ def ensure_store(store_path: str, model_dir: Path):
                         f"({store.base.mismatch(base)}); use --store to pick another store")
     store.bind_base(base)  # records the model's name and weight RMS (the delta-magnitude yardstick)
 
-    def current(name, shard) -> bool:  # registered, with today's retrieval texts (not an older release's)
+    missing = {}
+    for name, shard in domain_shards().items():
         meta = store.get_meta(name) if name in store else None
-        return meta is not None and (meta["samples"], meta["queries"]) == (shard.samples, shard.queries)
-
-    missing = {n: sh for n, sh in domain_shards().items() if not current(n, sh)}
+        if meta is not None and meta["provenance"] != shard.provenance:
+            say(f"      store {store_path} has its own shard {name!r}: kept, the demo's is not registered")
+        elif meta is None or (meta["samples"], meta["queries"]) != (shard.samples, shard.queries):
+            missing[name] = shard  # absent, or the demo's own shard with an older release's texts
     for name, shard in missing.items():
         if shard.base.mismatch(base):
             raise WragError(f"{files[name]} was trained for another base ({shard.base.mismatch(base)}); "

@@ -11,7 +11,7 @@ truncated to MAX_TOKENS = 256 as sentence-transformers' max_seq_length):
     e     = normalize(Σ_i m_i h⁶_i / Σ_i m_i)          mean pooling over real tokens, unit L2 norm
 
 exactly what SentenceTransformer(Transformer → Pooling(mean) → Normalize) computes from the same
-files (tests/test_embed.py compares the two to 1e-5).
+files (tests/test_embed.py compares the two, to 1e-5).
 """
 from __future__ import annotations
 

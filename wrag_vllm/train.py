@@ -113,13 +113,15 @@ def corpus_questions(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if path.suffix != ".jsonl":
         return []
+    from .shard import MAX_SAMPLE_CHARS, MAX_SAMPLE_COUNT
+
     out = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         obj = jsonio.loads(line, f"{path}:{n}") if line.strip() else {}
         q = next((obj[k] for k in ("prompt", "question") if isinstance(obj.get(k), str) and obj[k].strip()), None)
-        if q:
+        if q and len(q.strip()) <= MAX_SAMPLE_CHARS:  # within a shard's bounds: an over-long one is skipped
             out.append(q.strip())
-    return out
+    return out[:MAX_SAMPLE_COUNT]
 
 
 def corpus_hash(texts: list[str]) -> str:
@@ -384,6 +386,8 @@ def run_train(args) -> int:
         samples = load_texts(args.samples)
     if args.queries:
         queries = read_queries(args.queries)
+    from .shard import check_texts
+    check_texts("", description, samples or [], {}, "wrag train", queries or [])  # before a long run, not after
     if args.no_register and not args.out:
         raise WragError("--no-register needs --out PATH, or the trained shard would be lost")
     if not args.no_register and not (description or samples or queries):

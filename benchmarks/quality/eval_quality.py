@@ -13,8 +13,8 @@ Sections (each cached per item in <cache>/eval_quality/, so a rerun resumes):
    400 chars) keeps its own shard, and how often a general text keeps any shard.
 2. Held-out perplexity per domain (N texts per domain, per-text, token-weighted; see
    eval_quality_lib) for: base; every single shard (the diagonal is the oracle); WRAG = per text
-   retrieve k=3 (query = first 400 chars), weights by the server's rule w = softmax(c/T) over hits
-   with c ≥ threshold (T = 0.1, threshold 0.3), compose with linear / svd-centered / ties; the same
+   retrieve k=3 (query = first 400 chars), weights by the server's rule w = softmax(logit(p)/T) over
+   hits with relevance p ≥ threshold (T = 1, threshold 0.5), compose with linear / svd-centered / ties; the same
    with a lower threshold (--alt-threshold); all four shards merged (linear, w = 1/4 each); and the
    distractor setting (own shard 0.5 + two others 0.25 each) for linear and svd-centered.
    Recovered gain = (ppl_base − ppl_X) / (ppl_base − ppl_oracle).

@@ -66,7 +66,7 @@ def in_process(model: str, n_shards: int, rank: int, n_queries: int, work: Path)
     shards = sc.make_shards(fp, n_shards, rank)
     store = sc.build_store(work / "store", shards)
     cfg = WragConfig.from_sources({"wrag": {"store": str(work / "store"), "slots": 64, "max_rank": 3 * rank,
-                                            "k_max": 4, "top_k": 3, "threshold": -1.0}}, environ={})
+                                            "k_max": 4, "top_k": 3, "threshold": 0.0}}, environ={})
     res = Resolver(cfg, store)
     texts = sc.query_texts(n_shards)[:n_queries]
     out = {"model": desc}

@@ -51,7 +51,7 @@ def parse(argv=None):
 
 def wrag_cfg(args, store_dir):
     return {"store": str(store_dir), "slots": args.slots, "max_rank": 3 * args.rank, "k_max": 4, "top_k": 3,
-            "threshold": -1.0, "method": "svd-centered"}
+            "threshold": 0.0, "method": "svd-centered"}
 
 
 def retrieve(srv, text: str):

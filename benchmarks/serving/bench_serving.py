@@ -125,7 +125,7 @@ def prepare(args, work: Path):
 
 def wrag_cfg(args, work: Path) -> dict:
     cfg = {"store": str(work / "store"), "slots": args.slots, "max_rank": args.max_rank or 3 * args.rank,
-           "k_max": 4, "top_k": 3, "threshold": -1.0, "method": "svd-centered"}
+           "k_max": 4, "top_k": 3, "threshold": 0.0, "method": "svd-centered"}
     if args.composite_rank is not None:
         cfg["composite_rank"] = args.composite_rank
     return cfg

@@ -9,7 +9,7 @@ Request path (every vLLM route that builds an engine request from client `vllm_x
 ROUTES; tests/test_security_serving.py checks the list against the server's own routes):
     ASGI middleware reads the JSON body → validates `vllm_xargs` wrag_* (HTTP 400 on error; the
     server's own keys wrag_plan / wrag_slots are refused) → retrieval in a worker thread (query =
-    completion prompt; the last user turn of chat, Anthropic messages or responses input, after
+    completion prompt; the last user turn of chat, Anthropic messages or responses input, then
     up to query_context_turns earlier user turns) →
     writes the resolved Plan, sealed (seal.py), into vllm_xargs["wrag_plan"] → vLLM builds the
     request (extra_args carry the plan to the engine) → the response carries
@@ -53,11 +53,12 @@ ROUTES = {
 KEYED_OUTSIDE_V1 = ("/invocations", "/inference/v1/generate")
 
 
-def query_text(kind: str, body: dict, context_turns: int = 0) -> str | None:
+def query_text(kind: str, body: dict, context_turns: int = 0, max_chars: int = 1024) -> str | None:
     """What retrieval embeds. Completions: the prompt (first one of a batch). Chat, messages and
-    responses: the last user turn, after the `context_turns` user turns before it (oldest first,
-    one per line), so a follow-up ("and how is it treated?") keeps the conversation's domain;
-    the resolver embeds only the end of it (query_max_tokens), which always holds the last turn."""
+    responses: the last user turn, then (newest first, one per line) up to `context_turns` earlier
+    user turns while the text stays within `max_chars`, so a follow-up ("and how is it treated?")
+    keeps the conversation's domain. The last turn comes first because the embedder truncates at
+    its end: context is what gets cut, never the question. A last user turn without text: None."""
     def content_text(c):
         if isinstance(c, str):
             return c
@@ -69,8 +70,14 @@ def query_text(kind: str, body: dict, context_turns: int = 0) -> str | None:
     def user_turns(msgs):
         turns = [content_text(m.get("content")) for m in (msgs if isinstance(msgs, list) else [])
                  if isinstance(m, dict) and m.get("role") == "user"]
-        turns = [t for t in turns if t]
-        return "\n".join(turns[-1 - context_turns:]) if turns else None
+        if not turns or not turns[-1]:
+            return None
+        out, size = [turns[-1]], len(turns[-1])
+        for t in reversed(turns[-1 - context_turns:-1]):
+            if t and size + 1 + len(t) <= max_chars:
+                out.append(t)
+                size += 1 + len(t)
+        return "\n".join(out)
 
     if kind in ("chat", "messages"):
         return user_turns(body.get("messages"))
@@ -153,7 +160,8 @@ class WragEndpoint:
             raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
         xargs = dict(xargs or {})
         controls: RequestControls = parse_controls(xargs, self.cfg)
-        text = None if (controls.explicit or controls.off) else query_text(kind, body, self.cfg.query_context_turns)
+        text = None if (controls.explicit or controls.off) else \
+            query_text(kind, body, self.cfg.query_context_turns, 4 * self.cfg.query_max_tokens)
         t0 = time.perf_counter()
         plan = await self.run(self.resolver.resolve, text, controls)
         if plan.source == "retrieved" or text is not None:

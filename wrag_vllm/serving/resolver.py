@@ -91,8 +91,8 @@ class EmbedBatcher:
             try:
                 vecs = store.embedder.embed([t for t, _ in batch])
                 with self._lock:
-                    for (t, _), v in zip(batch, vecs):
-                        self.cache.put((store.embedder_name, t), v, v.nbytes)
+                    for (t, _), v in zip(batch, vecs):  # a copy: a row view would pin its batch
+                        self.cache.put((store.embedder_name, t), v.copy(), v.nbytes + len(t))
                 for (_, f), v in zip(batch, vecs):
                     f.set_result(v)
             except BaseException as e:  # every waiter hears of the failure, none hangs

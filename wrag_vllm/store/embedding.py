@@ -53,7 +53,7 @@ def text_vectors(embedder: Embedder, items: Sequence[tuple[str, Sequence[str], S
     for desc, samples, queries in items:
         d, rest = shard_texts(desc, samples, queries)
         if not d and not rest:
-            raise StoreError("empty description and no samples: nothing to embed")
+            raise StoreError("empty description and no samples or queries: nothing to embed")
         spans.append((len(texts), int(bool(d)) + len(rest), bool(d)))
         texts.extend(([d] if d else []) + rest)
     e = np.asarray(embedder.embed(texts), dtype=np.float32)  # (len(texts), dim)

@@ -163,8 +163,8 @@ class ShardStore:
         """Validate, store and index one shard; returns its meta row.
 
         embedding: optional precomputed (dim,) vector (e.g. bulk imports); it is normalised and
-        scored by the fixed cosine head (relevance.py). The shard still needs a description or
-        samples (they are what `reindex` re-embeds).
+        scored by the fixed cosine head (relevance.py). The shard still needs a description,
+        samples or queries (they are what `reindex` re-embeds).
         """
         embs = None if embedding is None else np.asarray(embedding, dtype=np.float32).reshape(1, -1)
         return self.add_many([shard], allow_attention=allow_attention, overwrite=overwrite,
@@ -228,12 +228,12 @@ class ShardStore:
         return heads, [stored_rows(t) for t in tvs], [embed_source(*it) for it in items]
 
     def _fit_heads(self, tvs: list[np.ndarray], has_desc: list[bool], new_ids: set[str],
-                   existing: bool = True) -> np.ndarray:
+                   existing: bool = True, embedder: Embedder | None = None) -> np.ndarray:
         """Heads (n, dim + 1) of shards with text vectors tvs: negatives are the background, the
         texts of the NEIGHBOURS shards of the store whose heads score each centroid highest (when
         `existing`; the shards of `new_ids` excepted), and those of the NEIGHBOURS nearest centroids
-        among tvs themselves."""
-        bg = background_vectors(self.embedder)
+        among tvs themselves. `embedder`: the one tvs come from (default: the store's)."""
+        bg = background_vectors(embedder or self.embedder)
         cents = np.stack([centroid(tv, d) for tv, d in zip(tvs, has_desc)])
         near_new = _nearest_rows(cents, NEIGHBOURS)
         near_old: list[list[int]] = [[] for _ in tvs]
@@ -313,13 +313,13 @@ class ShardStore:
     def _reindex_locked(self, emb: Embedder) -> int:
         rows = self._catalog.rows()
         items = [(r.description, r.samples, r.queries) for r in rows]
-        self._embedder, self._emb_name, self._emb_dim = emb, emb.name, int(emb.dim)
         tvs = text_vectors(emb, items) if rows else []
-        heads = self._fit_heads(tvs, [bool(d.strip()) for d, _, _ in items], set(), existing=False) \
-            if rows else []
+        heads = self._fit_heads(tvs, [bool(d.strip()) for d, _, _ in items], set(), existing=False,
+                                embedder=emb) if rows else []
         self._catalog.reembed(emb, [(r.fid, h, stored_rows(t), embed_source(*it))
                                     for r, h, t, it in zip(rows, heads, tvs, items)])
-        with self._mu:
+        with self._mu:  # the store switches embedder only once the catalog has
+            self._embedder, self._emb_name, self._emb_dim = emb, emb.name, int(emb.dim)
             self._sync()
         return len(rows)
 
