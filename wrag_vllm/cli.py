@@ -37,18 +37,19 @@ def _print(args, obj, text: str) -> None:
     print(json.dumps(obj, indent=2, default=str) if args.json else text)
 
 
-def _read_samples(path: str | None) -> list[str]:
-    """Sample prompts from a text file (paragraphs split by blank lines) or a .jsonl file (one
-    object with a string "text" per line); WragError naming the file (and line) otherwise."""
+def _read_texts(path: str | None, what: str, by_line: bool) -> list[str]:
+    """Texts from a .jsonl file (one object with a string "text" per line) or a text file (one per
+    line when `by_line`, else paragraphs split by blank lines); WragError naming the file (and
+    line) otherwise. `what` names the file in messages ("samples", "queries")."""
     if not path:
         return []
     p = Path(path)
     if not p.is_file():
-        raise WragError(f"samples file not found: {path}")
+        raise WragError(f"{what} file not found: {path}")
     try:
         raw = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise WragError(f"samples file {path}: cannot read it as UTF-8 text ({e})") from None
+        raise WragError(f"{what} file {path}: cannot read it as UTF-8 text ({e})") from None
     if p.suffix == ".jsonl":
         out = []
         for n, line in enumerate(raw.splitlines(), 1):
@@ -59,24 +60,18 @@ def _read_samples(path: str | None) -> list[str]:
                 raise WragError(f"{path}:{n}: each line must be a JSON object with a string field \"text\"")
             out.append(obj["text"])
         return out
-    chunks = [c.strip() for c in raw.split("\n\n")]  # paragraphs separated by blank lines
+    chunks = [c.strip() for c in (raw.splitlines() if by_line else raw.split("\n\n"))]
     return [c for c in chunks if c]
 
 
+def _read_samples(path: str | None) -> list[str]:
+    """Sample texts: paragraphs of a text file, or a .jsonl file's "text" fields."""
+    return _read_texts(path, "samples", by_line=False)
+
+
 def read_queries(path: str | None) -> list[str]:
-    """Queries from a text file (one per line) or a .jsonl file (one object with a string "text"
-    per line); WragError naming the file (and line) otherwise."""
-    if not path:
-        return []
-    p = Path(path)
-    if p.suffix == ".jsonl" and p.is_file():
-        return _read_samples(path)
-    if not p.is_file():
-        raise WragError(f"queries file not found: {path}")
-    try:
-        return [q.strip() for q in p.read_text(encoding="utf-8").splitlines() if q.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise WragError(f"queries file {path}: cannot read it as UTF-8 text ({e})") from None
+    """Queries: one per line of a text file, or a .jsonl file's "text" fields."""
+    return _read_texts(path, "queries", by_line=True)
 
 
 def _base_for_add(store, base_dir: str | None):
