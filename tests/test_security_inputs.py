@@ -391,7 +391,7 @@ def test_serve_wrag_options_after_model():
     cmd, env = build_command(parse(["serve", "MODEL", "--port", "1", "--", "--x", "--wrag-slots", "4"]))
     assert cmd[2:] == ["MODEL", "--port", "1", "--", "--x"] and env["WRAG_SLOTS"] == "4"  # the rest untouched
     for argv, pattern in ((["--wrag-top-k", "two"], "invalid int value 'two'"), (["--wrag-slots"], "needs a value"),
-                          (["--wrag-off=1"], "takes no value"), (["--store", "postgresql://h/db"], "scheme")):
+                          (["--wrag-off=1"], "takes no value"), (["--store", "mysql://h/db"], "scheme")):
         with pytest.raises(WragError, match=pattern):
             build_command(parse(["serve", "MODEL", *argv]))
     rc, _, err = wrag("serve", "MODEL", "--wrag-top-k", "two", store="/nonexistent")
@@ -400,19 +400,26 @@ def test_serve_wrag_options_after_model():
 
 # ------------------------------------------------------------------------------ 9. store URLs
 def test_store_urls_refused(tmp_path, monkeypatch, store):
+    """A URL of a scheme we do not serve is refused (never a folder named "mysql:"); a PostgreSQL
+    URL whose server does not answer is a clear error, in the library, the CLI and $WRAG_STORE."""
     monkeypatch.chdir(tmp_path)
-    for url in ("postgresql://user@db/wrag", "s3://bucket/store", "file:///tmp/x"):
+    for url in ("mysql://user@db/wrag", "s3://bucket/store", "file:///tmp/x"):
         scheme = url.split(":")[0]
         with pytest.raises(StoreError, match=f"store URLs with scheme '{scheme}' are not supported; a store is "
-                                             f"a folder path"):
+                                             f"a folder path or a postgresql://"):
             ShardStore(url)
         rc, _, err = wrag("ls", store=url)
         assert rc == 2 and "a store is a folder path" in err and "Traceback" not in err
+    down = "postgresql://wrag:secret@127.0.0.1:1/wrag"  # nothing listens on port 1
+    with pytest.raises(StoreError, match="cannot connect to the store database postgresql://wrag:\\*\\*\\*@127.0.0.1:1/wrag"):
+        ShardStore(down)
+    rc, _, err = wrag("ls", store=down)
+    assert rc == 2 and "cannot connect" in err and "secret" not in err and "Traceback" not in err
     # $WRAG_STORE, through the installed console script
     exe = Path(sys.executable).with_name("wrag")
     p = subprocess.run([str(exe), "ls"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "WRAG_STORE": "postgresql://user@db/wrag"})
-    assert p.returncode == 2 and "scheme 'postgresql'" in p.stderr and "Traceback" not in p.stderr
+                       env={**os.environ, "WRAG_STORE": "mysql://user@db/wrag"})
+    assert p.returncode == 2 and "scheme 'mysql'" in p.stderr and "Traceback" not in p.stderr
     assert list(tmp_path.iterdir()) == [store], "no folder named after the URL was created"
 
 

@@ -144,6 +144,56 @@ def test_query_is_cut_to_the_token_budget(front, store, monkeypatch):
     assert got and max(len(t) for t in got) <= 4 * 64 and got[-1].endswith("the patient has a disease")
 
 
+def test_multi_prompt_completions_get_a_plan_per_prompt(front):
+    """Each text prompt of a completions batch is retrieved for itself; vLLM gets their sealed plans
+    as a list in prompt order (hooks/prompts.py hands engine request i plan i)."""
+    client, seen = front()
+    body = {"model": "m", "prompt": ["the patient has a disease", "my python code does not compile", ""]}
+    r = client.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    plans = [Plan.from_sealed(p) for p in seen[-1][1]["vllm_xargs"][PLAN_KEY]]
+    assert [p.ids[:1] for p in plans] == [["med"], ["code"], []]
+    shards = r.headers["x-wrag-shards"].split(";")
+    assert shards[0].startswith("med=") and shards[1].startswith("code=") and shards[2] == "-"
+    assert r.headers["x-wrag-source"] == "retrieved;retrieved;none" and ";" not in r.headers["x-wrag-method"]
+    assert r.headers["x-wrag-scores"].count(";") == 2
+
+
+@pytest.mark.parametrize("prompt,xargs,shards,source", [
+    (["the patient has a disease"], {}, "med=1", "retrieved"),      # one prompt in a list: as before
+    (["the patient has a disease", "code"], {"wrag_shards": ["code"]}, "code=1", "explicit"),
+    (["the patient has a disease", "code"], {"wrag_off": 1}, "-", "off"),
+    ([[1, 2, 3], [4, 5]], {}, "-", "none"),                             # token ids: no text, no retrieval
+    (["the patient has a disease", [1, 2]], {}, "med=1", "retrieved"),  # mixed: vLLM answers the 400
+    (["the patient has a disease", 5], {}, "med=1", "retrieved"),
+    ([None, "the patient has a disease"], {}, "-", "none"),
+    ([], {}, "-", "none"),
+])
+def test_completions_with_one_plan_for_all_prompts(front, prompt, xargs, shards, source):
+    client, seen = front()
+    r = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "vllm_xargs": xargs}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-wrag-shards"].split("=")[0] == shards.split("=")[0] and r.headers["x-wrag-source"] == source
+    assert isinstance(seen[-1][1]["vllm_xargs"][PLAN_KEY], str)
+
+
+def test_many_prompts_are_bounded_and_empty_ones_retrieve_nothing(front):
+    client, seen = front(max_prompts=8)
+    r = client.post("/v1/completions", json={"model": "m", "prompt": ["a disease"] * 9}, headers=AUTH)
+    assert r.status_code == 400 and "at most 8 prompts" in r.json()["error"]["message"] and not seen
+    assert r.json()["error"]["param"] == "prompt"
+    for xargs in ({"wrag_shards": ["med"]}, {"wrag_off": True}):  # no retrieval: no limit, one plan
+        r = client.post("/v1/completions", json={"model": "m", "prompt": ["x"] * 10000, "vllm_xargs": xargs},
+                        headers=AUTH)
+        assert r.status_code == 200 and isinstance(seen[-1][1]["vllm_xargs"][PLAN_KEY], str)
+        assert ";" not in r.headers["x-wrag-shards"]
+    r = client.post("/v1/completions", json={"model": "m", "prompt": ["", "", " "]}, headers=AUTH)
+    assert r.status_code == 200 and r.headers["x-wrag-shards"] == "-;-;-"
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "the patient has a disease",
+                                             "prompt_embeds": ["AAAA", "AAAA"]}, headers=AUTH)
+    assert r.headers["x-wrag-source"] == "none;none;retrieved"  # vLLM serves the embeds first
+
+
 def test_failed_requests_say_so_in_headers(front):
     """A 5xx from the engine (set refused or failed): x-wrag-source: failed, no shards claimed."""
     client, _ = front(echo_status=500)
@@ -294,7 +344,8 @@ def test_engine_refuses_what_the_front_end_did_not_seal(store, tmp_path, monkeyp
     adm = Admission(cfg, str(tmp_path / "run"), text_of=lambda r: "")
     forged = Plan(["med"], [1e30], "linear").to_json()
     cases = {"unsealed": {PLAN_KEY: forged}, "bad-seal": {PLAN_KEY: "00" * 32 + "." + forged},
-             "slots": {"wrag_slots": '[["k", 1.0, "/etc/passwd"]]'}, "controls": {"wrag_weights": [1]}}
+             "slots": {"wrag_slots": '[["k", 1.0, "/etc/passwd"]]'}, "controls": {"wrag_weights": [1]},
+             "plan-list": {PLAN_KEY: [Plan(["med"], [1.0], "linear").sealed()] * 2}}  # the API hook did not pick
     for rid, ea in cases.items():
         assert adm.arrive(rid, _Req(rid, ea), ea) is False
     for _ in range(200):

@@ -119,6 +119,35 @@ def test_concurrent_mixed_requests_equal_alone(served):
             assert toks == hf_tokens(served, p)
 
 
+def test_completions_batch_gets_a_plan_per_prompt(served):
+    """A medical and a legal prompt in one completions request: each retrieves its own shard and
+    gets the tokens it gets alone; under the other prompt's shard the legal prompt's tokens
+    differ, so one plan for the whole batch would fail here. With n = 2 the pick comes before
+    vLLM fans a prompt out into its samples."""
+    prompts = ["the patient has a disease", "a court ruled on the contract", "hello there, friend"]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": N_TOK, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    status, headers, out = _post(served, "/v1/completions", body)
+    assert status == 200, out
+    shards = headers["x-wrag-shards"].split(";")
+    assert len(shards) == 3 and shards[0].startswith("med=") and shards[1].startswith("law="), shards
+    assert headers["x-wrag-source"].split(";")[:2] == ["retrieved", "retrieved"]
+    got = [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+    alone = [complete(served, p) for p in prompts]
+    assert got == [toks for toks, _ in alone] and shards == [hdr for _, hdr in alone]
+    assert complete(served, prompts[1], {"wrag_shards": ["med"]})[0] != alone[1][0]
+
+    sampled = {**body, "prompt": prompts[:2], "n": 2, "temperature": 1.0, "seed": 7}
+    status, headers, out = _post(served, "/v1/completions", sampled)
+    assert status == 200, out
+    assert headers["x-wrag-shards"].split(";") == shards[:2]
+    got = [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+    for i, p in enumerate(prompts[:2]):
+        status, _, one = _post(served, "/v1/completions", {**sampled, "prompt": p})
+        assert status == 200 and got[2 * i:2 * i + 2] == [c["token_ids"] for c in
+                                                          sorted(one["choices"], key=lambda c: c["index"])]
+
+
 BAD = [
     ({"wrag_shards": ["nope"]}, "unknown shard id"),
     ({"wrag_top_k": 0}, "wrag_top_k"),

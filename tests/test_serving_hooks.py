@@ -14,6 +14,30 @@ def test_every_coupled_vllm_symbol_exists():
     assert not missing, "vLLM moved symbols WRAG patches or subclasses:\n" + "\n".join(missing)
 
 
+def test_vllm_source_facts_hold(monkeypatch):
+    """How vLLM names and orders the engine requests of one completions body (hooks/prompts.py)."""
+    from wrag_vllm.serving.hooks import symbols
+
+    changed = symbols.changed_sources()
+    assert not changed, "vLLM changed code WRAG relies on:\n" + "\n".join(changed)
+    mod, attr, snippets, why = symbols.VLLM_SOURCE_FACTS[0]
+    monkeypatch.setattr(symbols, "VLLM_SOURCE_FACTS", [(mod, attr, (*snippets, 'f"{i}-{request_id}"'), why),
+                                                        (mod, attr, tuple(reversed(snippets)), why)])
+    assert len(symbols.changed_sources()) == 2   # a snippet it lacks, or snippets out of order, are caught
+
+
+def test_prompt_hook_wraps_add_request_once():
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from wrag_vllm.serving.hooks.prompts import install_prompt_plans
+
+    install_prompt_plans()
+    wrapped = AsyncLLM.add_request
+    install_prompt_plans()
+    assert AsyncLLM.add_request is wrapped and wrapped.__module__ == "wrag_vllm.serving.hooks.prompts"
+    assert list(inspect.signature(wrapped._wrag_orig).parameters)[:4] == ["self", "request_id", "prompt", "params"]
+
+
 def test_patched_signatures_unchanged():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

@@ -322,3 +322,101 @@ def test_embed_batcher_caches_repeated_queries():
         t.join()
     assert len(out) == 6 and sum(map(len, calls[1:])) == 6 and len(calls) < 7
     assert len(b.cache) == 3  # the byte budget holds three vectors
+
+
+# ------------------------------------------------------------------ multi-prompt completions
+EMBEDS = "AAAA"  # a prompt_embeds value (base64 bytes): a prompt without text
+
+
+@pytest.mark.parametrize("body,want", [
+    ({"prompt": "the patient has a disease"}, ["the patient has a disease"]),
+    ({"prompt": ["only one"]}, ["only one"]),                                   # one prompt: as before
+    ({"prompt": ["a fever", "a contract", ""]}, ["a fever", "a contract", ""]),  # one query per prompt
+    ({"prompt": [1, 2, 3]}, [None]),                                             # token ids: no text
+    ({"prompt": [[1, 2], [3]]}, [None]),                                         # a token batch: one plan
+    ({"prompt": []}, [None]),
+    ({"prompt": ["a fever", [1, 2]]}, ["a fever"]),   # mixed: vLLM refuses the body; one query, as before
+    ({"prompt": ["a fever", 7]}, ["a fever"]),
+    ({"prompt": {"text": "x"}}, [None]),
+    ({}, [None]),
+    ({"prompt": ["a fever", "a contract"], "prompt_embeds": EMBEDS}, [None, "a fever", "a contract"]),
+    ({"prompt": "a fever", "prompt_embeds": [EMBEDS, EMBEDS]}, [None, None, "a fever"]),  # embeds first
+    ({"prompt_embeds": [EMBEDS, EMBEDS]}, [None]),
+])
+def test_completion_queries_one_per_engine_request(body, want):
+    from wrag_vllm.serving.frontend import query_texts
+
+    assert query_texts("completion", body) == want
+
+
+def test_chat_and_responses_bodies_have_one_query():
+    from wrag_vllm.serving.frontend import query_texts
+
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "prompt": ["x", "y"]}
+    assert query_texts("chat", chat) == ["b"]
+    assert query_texts("responses", {"input": "z", "prompt": ["x", "y"]}) == ["z"]
+
+
+def test_wrag_headers_one_plan_as_before_several_per_prompt():
+    from wrag_vllm.serving.frontend import wrag_headers
+
+    med = Plan(["med"], [1.0], "svd-centered", {}, [0.91], "retrieved", 1)
+    two = Plan(["law", "code"], [0.75, 0.25], "svd-centered", {}, [0.8, 0.6], "retrieved", 1)
+    none = Plan(method="svd-centered", source="none", generation=1)
+    assert dict(wrag_headers([med], False)) == {b"x-wrag-shards": b"med=1", b"x-wrag-method": b"svd-centered",
+                                                b"x-wrag-source": b"retrieved", b"x-wrag-scores": b"med=0.9100"}
+    assert dict(wrag_headers([none], True)) == {b"x-wrag-shards": b"-", b"x-wrag-method": b"svd-centered",
+                                                b"x-wrag-source": b"failed", b"x-wrag-scores": b"-"}
+    h = dict(wrag_headers([med, none, two], False))
+    assert h[b"x-wrag-shards"] == b"med=1;-;law=0.75,code=0.25"
+    assert h[b"x-wrag-scores"] == b"med=0.9100;-;law=0.8000,code=0.6000"
+    assert h[b"x-wrag-source"] == b"retrieved;none;retrieved" and h[b"x-wrag-method"] == b"svd-centered"
+    h = dict(wrag_headers([med, two], True))
+    assert h[b"x-wrag-shards"] == b"-;-" and h[b"x-wrag-source"] == b"failed;failed"
+
+
+@pytest.mark.parametrize("rid,i", [("cmpl-abc-0", 0), ("cmpl-abc-12", 12), ("cmpl-job-7-3", 3),
+                                   ("cmpl-abc", None), ("cmpl-abc-", None), ("cmpl-abc-x1", None),
+                                   ("cmpl-abc-\u00b2", None), ("chatcmpl-abc", None), ("", None)])
+def test_prompt_index_of_completions_request_ids(rid, i):
+    from wrag_vllm.serving.hooks.prompts import prompt_index
+
+    assert prompt_index(rid) == i
+
+
+def test_pick_plan_gives_each_engine_request_its_prompts_plan():
+    from vllm.sampling_params import SamplingParams
+
+    from wrag_vllm.serving.hooks.prompts import pick_plan
+    from wrag_vllm.serving.plan import PLAN_KEY
+
+    shared = {PLAN_KEY: ["plan-0", "plan-1", "plan-2"], "other": 1}
+    params = [SamplingParams(extra_args=shared) for _ in range(3)]   # as vLLM builds them: one dict
+    picked = [pick_plan(p, f"cmpl-req-7-{i}") for i, p in enumerate(params)]
+    assert [p.extra_args for p in picked] == [{PLAN_KEY: f"plan-{i}", "other": 1} for i in range(3)]
+    assert shared[PLAN_KEY] == ["plan-0", "plan-1", "plan-2"] and all(p.extra_args is shared for p in params)
+    assert pick_plan(params[0], "cmpl-req-3") is params[0]       # no such prompt: the engine refuses it
+    assert pick_plan(params[0], "cmpl-req") is params[0]
+    one = SamplingParams(extra_args={PLAN_KEY: "sealed"})
+    assert pick_plan(one, "cmpl-req-0") is one and pick_plan(SamplingParams(), "cmpl-req-0").extra_args is None
+
+
+def test_resolve_many_embeds_once_and_equals_resolve(store_with_shards, monkeypatch):
+    from wrag_vllm.serving.resolver import Resolver
+
+    cfg = WragConfig(store=str(store_with_shards.root), top_k=2, threshold=0.3, max_rank=8)
+    calls = []
+    real = store_with_shards.embedder.embed
+    monkeypatch.setattr(store_with_shards.embedder, "embed", lambda texts: (calls.append(list(texts)), real(texts))[1])
+    texts = ["the patient has a disease", "my python code crashes", None, "", "the patient has a disease"]
+    plans = Resolver(cfg, store_with_shards).resolve_many(texts, parse_controls({}, cfg))
+    assert calls == [["the patient has a disease", "my python code crashes"]]   # one call, each text once
+    assert [p.ids[:1] for p in plans] == [["med"], ["code"], [], [], ["med"]]
+    assert [p.source for p in plans] == ["retrieved", "retrieved", "none", "none", "retrieved"]
+    alone = Resolver(cfg, store_with_shards)
+    for t, p in zip(texts, plans):
+        q = alone.resolve(t, parse_controls({}, cfg))
+        assert (q.ids, q.source) == (p.ids, p.source) and q.weights == pytest.approx(p.weights, abs=1e-6)
+    calls.clear()
+    explicit = Resolver(cfg, store_with_shards).resolve_many(texts[:2], parse_controls({"wrag_shards": ["code"]}, cfg))
+    assert not calls and [p.ids for p in explicit] == [["code"], ["code"]]

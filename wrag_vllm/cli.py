@@ -158,7 +158,7 @@ def cmd_search(args) -> int:
         raise WragError("-k must be at least 1")
     texts = [t for t in sys.stdin.read().splitlines() if t.strip()] if args.text == "-" else [args.text]
     store = _open(args)
-    cfg = WragConfig.from_sources(environ={**os.environ, "WRAG_STORE": str(store.root)})
+    cfg = WragConfig.from_sources(environ={**os.environ, "WRAG_STORE": str(store.location)})
     over = {k: v for k, v in (("threshold", args.threshold), ("top_k", args.top_k)) if v is not None}
     cfg = dataclasses.replace(cfg, **over, max_top_k=max(cfg.max_top_k, over.get("top_k", 0))).validate()
     resolver = Resolver(cfg, store)

@@ -165,6 +165,15 @@ class Shard:
         return self
 
     # ------------------------------------------------------------------ file I/O
+    def to_bytes(self) -> bytes:
+        """The shard's safetensors file, as bytes."""
+        tensors = {}
+        for (layer, mod), f in sorted(self.factors.items()):
+            tensors[f"layers.{layer}.{mod}.lora_A"] = f.A.detach().contiguous().cpu()
+            tensors[f"layers.{layer}.{mod}.lora_B"] = f.B.detach().contiguous().cpu()
+            tensors[f"layers.{layer}.{mod}.scale"] = torch.tensor([f.scale], dtype=torch.float32)
+        return save(tensors, metadata={"wrag": json.dumps(self.meta())})
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file in the same folder, fsync, then rename.
 
@@ -172,27 +181,7 @@ class Shard:
         file. (safetensors' save_file replaces its target with a new 0600 file, whatever mode
         the target had, so the bytes are serialised here and written to our own file.)
         """
-        path = Path(path)
-        tensors = {}
-        for (layer, mod), f in sorted(self.factors.items()):
-            tensors[f"layers.{layer}.{mod}.lora_A"] = f.A.detach().contiguous().cpu()
-            tensors[f"layers.{layer}.{mod}.lora_B"] = f.B.detach().contiguous().cpu()
-            tensors[f"layers.{layer}.{mod}.scale"] = torch.tensor([f.scale], dtype=torch.float32)
-        data = save(tensors, metadata={"wrag": json.dumps(self.meta())})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".tmp-{secrets.token_hex(8)}.safetensors"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_atomic(Path(path), self.to_bytes())
 
 
 def id_problem(shard_id) -> str | None:
@@ -308,6 +297,25 @@ def read_meta(path: str | os.PathLike) -> dict:
     if "wrag" not in meta:
         raise ShardError(f"{path}: safetensors file has no 'wrag' metadata; is it a shard?")
     return check_meta(jsonio.loads(meta["wrag"], f"{path}: corrupt shard metadata", ShardError), path)
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, fsync, rename: a reader
+    sees the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{secrets.token_hex(8)}.safetensors"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def load_shard(path: str | os.PathLike, allow_attention: bool = False, validate: bool = True) -> Shard:

@@ -9,6 +9,8 @@ Search latency is `search_vector` (FAISS exact inner product + id mapping, no qu
 measured per call with perf_counter; the text→vector embedding cost is reported separately.
 
     python -m benchmarks.micro.bench_store           # 10k shards, writes benchmarks/results/store_scale.*
+    python -m benchmarks.micro.bench_store --backend postgresql   # the same on a throwaway PostgreSQL
+                                                     # server: store_scale_postgresql.*
     python -m benchmarks.micro.bench_store --n 1000 --checkpoints 10,100,1000 --normal-adds 50
 """
 from __future__ import annotations
@@ -42,8 +44,17 @@ def machine() -> dict:
 
     from wrag_vllm.store import FAISS_THREADS
 
-    return {**describe(), "numpy": np.__version__, "sqlite": sqlite3.sqlite_version,
-            "faiss_threads_small_batches": FAISS_THREADS}
+    out = {**describe(), "numpy": np.__version__, "sqlite": sqlite3.sqlite_version,
+           "faiss_threads_small_batches": FAISS_THREADS}
+    try:
+        from benchmarks.pg_cluster import pg_bin
+        import subprocess
+
+        out["postgresql"] = subprocess.run([pg_bin("postgres"), "--version"], capture_output=True,
+                                           text=True).stdout.strip()
+    except (RuntimeError, OSError):
+        out["postgresql"] = None
+    return out
 
 
 def tiny_base():
@@ -102,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=500, help="shards per add_many call in the bulk fill")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (MiniLM)")
     ap.add_argument("--root", help="store folder (default: a temporary folder, deleted at the end)")
+    ap.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="postgresql: stores in a throwaway PostgreSQL server (benchmarks/pg_cluster.py); "
+                         "open/refresh/search include its round trips, the FAISS index stays local")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
@@ -117,9 +131,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.torch_threads)
     checkpoints = sorted(int(c) for c in args.checkpoints.split(",") if int(c) <= args.n)
     tmp = Path(tempfile.mkdtemp(prefix="wrag-bench-"))
-    root = Path(args.root) if args.root else tmp / "store"
-    if root.exists():
-        raise SystemExit(f"{root} exists; give a new folder")
+    pg = None
+    if args.backend == "postgresql":
+        from benchmarks.pg_cluster import PgCluster
+
+        os.environ["WRAG_CACHE_DIR"] = str(tmp / "cache")
+        pg = PgCluster().start()
+        root, normal_root = pg.url("bench"), pg.url("normal")
+    else:
+        root, normal_root = (Path(args.root) if args.root else tmp / "store"), tmp / "normal"
+        if root.exists():
+            raise SystemExit(f"{root} exists; give a new folder")
     base = tiny_base()
     g = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
@@ -132,7 +154,6 @@ def main(argv=None) -> int:
                            "rank": args.rank, "modules": 3}}
 
     # ---- normal path, small store: add() one at a time (MiniLM embeds the description each call)
-    normal_root = tmp / "normal"
     st = ShardStore(normal_root)
     shards = [make_shard(base, 900000 + i, args.rank, g) for i in range(args.normal_adds)]
     t_text = [t for s in shards for t in timed(lambda s=s: st.add(s), 1)]
@@ -196,7 +217,7 @@ def main(argv=None) -> int:
         # open: index cache fresh on disk (the common case) and cold (cache deleted: rebuild)
         store.close()
         open_s = timed(lambda: ShardStore(root).close(), 3)
-        (root / INDEX).unlink()
+        (store.root / INDEX).unlink()
         t = time.perf_counter()
         s2 = ShardStore(root)
         open_cold_s = time.perf_counter() - t
@@ -227,6 +248,8 @@ def main(argv=None) -> int:
                      "met": next((r["search_ms_p50"] <= 2.0 for r in rows if r["shards"] == 10000), None)}
     res["machine"]["load_avg_end"] = os.getloadavg()
     write(res, Path(args.out))
+    if pg is not None:
+        pg.stop()
     if not args.root:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -239,7 +262,8 @@ def write(res: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "store_scale.json").write_text(json.dumps(res, indent=2))
+    name = "store_scale" if res["args"]["backend"] == "sqlite" else f"store_scale_{res['args']['backend']}"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     rows = res["checkpoints"]
     n = [r["shards"] for r in rows]
     fig, ax = plt.subplots(2, 2, figsize=(11, 8))
@@ -267,17 +291,19 @@ def write(res: dict, out: Path) -> None:
     a.legend(fontsize=8)
     m = res["machine"]
     na = res["normal_add"]
-    fig.suptitle(f"wrag ShardStore scale — {m['cpu']} ({m['cores']} cores), faiss {m['faiss']}\n"
+    fig.suptitle(f"wrag ShardStore scale ({res['args']['backend']}) — {m['cpu']} ({m['cores']} cores), faiss {m['faiss']}\n"
                  f"add(): {na['add_text_per_s']:.0f}/s with MiniLM, {na['add_given_per_s']:.0f}/s with given "
                  f"embedding; bulk add_many: {rows[-1]['bulk_add_per_s']:.0f}/s", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "store_scale.png", dpi=110)
+    fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
 
-    lines = ["# Shard store scale benchmark", "",
+    lines = [f"# Shard store scale benchmark: {res['args']['backend']} backend", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, load avg {m['load_avg'][0]:.1f}→{m['load_avg_end'][0]:.1f} "
              f"(shared host), Python {m['python']}, torch {m['torch']}, faiss {m['faiss']}, "
-             f"SQLite {m['sqlite']}, vLLM {m['vllm']}.",
+             f"SQLite {m['sqlite']}, {m['postgresql']}, vLLM {m['vllm']}."
+             + (" Store: a PostgreSQL server on this machine (127.0.0.1, fsync off: a throwaway cluster); the "
+                "FAISS index and shard file cache are local." if res["args"]["backend"] == "postgresql" else ""),
              f"Shards: tiny Llama base ({res['shard']['layers']} layers, h={res['shard']['hidden']}, "
              f"ffn={res['shard']['ffn']}), rank {res['shard']['rank']} on gate/up/down. Index: "
              "IndexIDMap2(IndexFlatIP(385)) of relevance heads, exact inner-product search.", "",
@@ -299,7 +325,7 @@ def write(res: dict, out: Path) -> None:
               f"- query embedding (MiniLM, one text): p50 {na['query_embed_ms_p50']:.1f} ms; `search(text)` p50 "
               f"{na['search_text_ms_p50']:.1f} ms. MiniLM load: {res['minilm_load_s']:.1f} s.", "",
               f"Target search p50 ≤ 2 ms at 10,000 shards: **{'met' if res['target']['met'] else 'NOT met' if res['target']['met'] is False else 'not measured'}**."]
-    (out / "store_scale.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -112,6 +112,9 @@ class Admission:
             raise Refused(f"{SLOTS_KEY} is written by the engine only")
         if PLAN_KEY not in extra_args:
             return None
+        if isinstance(extra_args[PLAN_KEY], list):
+            raise Refused(f"{PLAN_KEY}: a per-prompt plan list reached the engine (the API server's "
+                          f"prompt hook, hooks/prompts.py, found no prompt index in the request id)")
         try:
             return Plan.from_sealed(extra_args[PLAN_KEY])
         except (ValueError, TypeError) as e:

@@ -65,7 +65,7 @@ def build_command(args) -> tuple[list[str], dict]:
         plugins.append("wrag")
     env["VLLM_PLUGINS"] = ",".join(plugins)
     if opts["store"]:
-        store_location(opts["store"])  # StoreError for a URL, before vLLM spends a minute starting
+        store_location(opts["store"])  # StoreError for a URL we do not serve, before vLLM spends a minute starting
         env["WRAG_STORE"] = str(opts["store"])
     for name, _, var in _OPTS:
         v = opts[f"wrag_{name}"]

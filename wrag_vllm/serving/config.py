@@ -66,6 +66,11 @@ class WragConfig:
     request_methods: list = field(default_factory=lambda: ["linear", "svd-centered"])
     query_max_tokens: int = 256    # retrieval embeds at most the last ~N tokens of the query text
     query_context_turns: int = 2   # earlier user turns of a conversation embedded before the last one
+    # most prompts of one completions request retrieved for (one retrieval each, one batched embed);
+    # a request with more gets a 400 unless it names its shards (wrag_shards) or sets wrag_off
+    max_prompts: int = 64
+    # with --data-parallel-size > 1: send a request to the engine its shard set hashes to (affinity.py)
+    dp_affinity: bool = True
     # --- the admin surface (POST/DELETE /wrag/shards): off unless the operator turns it on, and
     # then only with --api-key; registration by server path only inside these directories
     admin_writes: bool = False
@@ -84,7 +89,8 @@ class WragConfig:
         "WRAG_PREPARE_THREADS": "prepare_threads", "WRAG_KERNEL_BACKEND": "kernel_backend",
         "WRAG_MAX_WEIGHT": "max_weight",
         "WRAG_REQUEST_METHODS": "request_methods", "WRAG_QUERY_MAX_TOKENS": "query_max_tokens",
-        "WRAG_QUERY_CONTEXT_TURNS": "query_context_turns",
+        "WRAG_QUERY_CONTEXT_TURNS": "query_context_turns", "WRAG_MAX_PROMPTS": "max_prompts",
+        "WRAG_DP_AFFINITY": "dp_affinity",
         "WRAG_ADMIN_WRITES": "admin_writes", "WRAG_ADMIN_DIRS": "admin_dirs",
         "WRAG_MAX_UPLOAD_MB": "max_upload_mb",
     }
@@ -137,6 +143,7 @@ class WragConfig:
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight must be > 0")
         need(self.query_max_tokens >= 1, "query_max_tokens must be >= 1")
         need(self.query_context_turns >= 0, "query_context_turns must be >= 0")
+        need(self.max_prompts >= 1, "max_prompts must be >= 1")
         need(self.max_upload_mb >= 1, "max_upload_mb must be >= 1")
         from wrag_kernels.meta import BACKENDS
         need(self.kernel_backend in ("auto", *BACKENDS), f"kernel_backend must be one of auto, {', '.join(BACKENDS)}")

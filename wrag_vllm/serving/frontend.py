@@ -16,6 +16,15 @@ ROUTES; tests/test_security_serving.py checks the list against the server's own 
     `x-wrag-shards: id=weight,...` (or "-"), `x-wrag-scores: id=p,...` (relevance), `x-wrag-method`,
     `x-wrag-source` (explicit | retrieved | off | none, or failed when the request failed);
     every request is logged with its plan.
+A completions request with several prompts (a list of strings; prompt_embeds count as prompts
+without text) becomes one engine request per prompt in vLLM. Unless it names its shards or sets
+wrag_off, each text prompt is retrieved separately (one batched embedding, at most max_prompts of
+them) and vllm_xargs["wrag_plan"] is the list of their sealed plans in prompt order; the API
+server's hook (hooks/prompts.py) hands engine request i plan i. Its x-wrag-shards, x-wrag-scores
+and x-wrag-source then hold one value per prompt, in prompt order, separated by ";"
+(wrag_headers). Token-id prompts have no text: one plan, no retrieval, for all of them.
+With data parallelism (--data-parallel-size N > 1) the middleware also sets X-data-parallel-rank
+from the resolved shard set (affinity.py), unless the client set it.
 Routes where WRAG does not retrieve (token-in generate, render, audio) refuse wrag_* controls
 with a 400.
 Generate routes outside /v1 (SageMaker's /invocations, the token-in /inference/v1/generate),
@@ -31,10 +40,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .affinity import HEADER as AFFINITY_HEADER
+from .affinity import Affinity, set_key
 from .asgi import error_body, parse_form, replay, respond
 from .config import WragConfig
 from .controls import RequestControls, RequestError, parse_controls
-from .plan import PLAN_KEY, wrag_keys
+from .plan import PLAN_KEY, Plan, wrag_keys
 from .resolver import Resolver
 
 log = logging.getLogger("vllm.wrag")
@@ -54,7 +65,8 @@ KEYED_OUTSIDE_V1 = ("/invocations", "/inference/v1/generate")
 
 
 def query_text(kind: str, body: dict, context_turns: int = 0, max_chars: int = 1024) -> str | None:
-    """What retrieval embeds. Completions: the prompt (first one of a batch). Chat, messages and
+    """What retrieval embeds for one query. Completions: the prompt (query_texts gives each
+    prompt of a batch its own; here, the first text prompt of a list). Chat, messages and
     responses: the last user turn, then (newest first, one per line) up to `context_turns` earlier
     user turns while the text stays within `max_chars`, so a follow-up ("and how is it treated?")
     keeps the conversation's domain. The last turn comes first because the embedder truncates at
@@ -94,6 +106,53 @@ def query_text(kind: str, body: dict, context_turns: int = 0, max_chars: int = 1
     return user_turns(inp)
 
 
+def _completion_inputs(body: dict) -> list[str | None] | None:
+    """The prompts of a completions body, one per engine request vLLM makes of it, in vLLM's order
+    (prompt_embeds first, then the prompts): the text of a text prompt, None for an embeds or
+    token-id prompt. None for a prompt form vLLM refuses (mixed lists, an empty list, ...)."""
+    embeds = body.get("prompt_embeds")   # base64 bytes: one string, or a list of them
+    out: list[str | None] = [None] * (len(embeds) if isinstance(embeds, list) else int(isinstance(embeds, str)))
+    p = body.get("prompt")
+    if p is None or isinstance(p, str):
+        return out + ([p] if isinstance(p, str) else [])
+    if not isinstance(p, list) or not p:
+        return None
+    if all(isinstance(x, str) for x in p):
+        return out + list(p)
+    if all(isinstance(x, int) for x in p):
+        return out + [None]               # one prompt of token ids
+    if all(isinstance(x, list) for x in p):
+        return out + [None] * len(p)      # several prompts of token ids
+    return None
+
+
+def query_texts(kind: str, body: dict, context_turns: int = 0, max_chars: int = 1024) -> list[str | None]:
+    """What retrieval embeds, one query per plan. A completions body vLLM serves as several engine
+    requests, at least one of them a text prompt, gets one query per engine request, in order
+    (None: a prompt without text; "" is a text prompt, retrieving nothing). Every other body — one
+    prompt, chat, or a batch without text (token ids: one plan, no retrieval, serves it all) —
+    gets one query, query_text's."""
+    if kind == "completion":
+        texts = _completion_inputs(body)
+        if texts is not None and len(texts) > 1 and any(t is not None for t in texts):
+            return texts
+    return [query_text(kind, body, context_turns, max_chars)]
+
+
+def wrag_headers(plans: list[Plan], failed: bool) -> list[tuple[bytes, bytes]]:
+    """The x-wrag-* response headers. One plan: its values. Several (a completions request retrieved
+    per prompt): x-wrag-shards, x-wrag-scores and x-wrag-source hold one value per prompt, in prompt
+    order, separated by ";" (shard ids never contain one); x-wrag-method stays one value (the
+    method is per request). A failed request (5xx) claims no shards: "-" and "failed" per prompt."""
+    def each(value) -> bytes:
+        return ";".join(value(p) for p in plans).encode()
+
+    return [(b"x-wrag-shards", each(lambda p: "-" if failed else p.header())),
+            (b"x-wrag-method", plans[0].method.encode()),
+            (b"x-wrag-source", each(lambda p: "failed" if failed else p.source)),
+            (b"x-wrag-scores", each(Plan.scores_header))]
+
+
 def _kind(route: str, body: dict) -> str:
     kind = ROUTES[route]
     if kind == "invocations":  # vLLM tries the chat request type first, then completion
@@ -112,6 +171,7 @@ class WragEndpoint:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="wrag-retrieve")
         self.tokens: list[str] = []
         self.metrics = None
+        self.affinity: Affinity | None = None  # with data parallelism: the engine of a shard set
 
     # ------------------------------------------------------------------ EndpointPlugin
     def attach_router(self, app) -> None:
@@ -133,12 +193,18 @@ class WragEndpoint:
         # engine's threads for the same cores.
         import torch
         torch.set_num_threads(1)
-        self.resolver = Resolver(self.cfg)
+        self.resolver = Resolver(self.cfg, watch=True)
+        ranks = int(getattr(args, "data_parallel_size", 1) or 1)
+        if self.cfg.dp_affinity and ranks > 1:
+            self.affinity = Affinity(ranks, capacity=int(getattr(args, "max_num_seqs", None) or 256))
+            log.info("WRAG: shard-affinity routing over %d data-parallel engines", ranks)
         self.tokens = [k for k in (getattr(args, "api_key", None) or [envs.VLLM_API_KEY]) if k]
         self.metrics = front_metrics()
         if self.cfg.admin_writes and not self.tokens:
             log.error("WRAG: admin_writes is set but the server has no --api-key: admin writes stay off")
         if self.cfg.enabled:
+            from .hooks.prompts import install_prompt_plans
+            install_prompt_plans()  # engine request i of a multi-prompt completions request: plan i
             # open the store and load the embedder now, not on the first request's path
             await asyncio.get_running_loop().run_in_executor(
                 self.executor, lambda: self.resolver.store.embedder.embed(["warm up"]))
@@ -154,21 +220,26 @@ class WragEndpoint:
 
     # ------------------------------------------------------------------ per request
     async def plan_for(self, kind: str, body: dict):
-        """(new body, plan) or raises RequestError."""
+        """(new body, plans) or raises RequestError. plans: one per prompt of a completions request
+        retrieved per prompt (query_texts), sealed as a list; else one, sealed as a string."""
         xargs = body.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise RequestError("vllm_xargs must be a JSON object", "vllm_xargs")
         xargs = dict(xargs or {})
         controls: RequestControls = parse_controls(xargs, self.cfg)
-        text = None if (controls.explicit or controls.off) else \
-            query_text(kind, body, self.cfg.query_context_turns, 4 * self.cfg.query_max_tokens)
+        texts = [None] if (controls.explicit or controls.off) else \
+            query_texts(kind, body, self.cfg.query_context_turns, 4 * self.cfg.query_max_tokens)
+        if len(texts) > self.cfg.max_prompts:
+            raise RequestError(f"this server retrieves shards for at most {self.cfg.max_prompts} prompts "
+                               f"per completions request, got {len(texts)}: send fewer per request, or "
+                               f"name the shards (wrag_shards) or set wrag_off for the batch", "prompt")
         t0 = time.perf_counter()
-        plan = await self.run(self.resolver.resolve, text, controls)
-        if plan.source == "retrieved" or text is not None:
+        plans = await self.run(self.resolver.resolve_many, texts, controls)
+        if any(t is not None for t in texts):
             self.metrics.retrieval.observe(time.perf_counter() - t0)
-        xargs[PLAN_KEY] = plan.sealed()
+        xargs[PLAN_KEY] = plans[0].sealed() if len(plans) == 1 else [p.sealed() for p in plans]
         body["vllm_xargs"] = xargs
-        return body, plan
+        return body, plans
 
 
 def _refused_controls(body, form_xargs=None) -> list[str]:
@@ -223,7 +294,7 @@ class WragMiddleware:
                 body = None
             except RecursionError:
                 return await respond(send, 400, error_body("the body nests JSON too deeply", None))
-        plan = None
+        plans = None
         if ROUTES[route] == "refuse":
             bad = _refused_controls(body, form_xargs)
             if bad:
@@ -232,33 +303,39 @@ class WragMiddleware:
                     f"/v1/chat/completions", bad[0]))
         elif isinstance(body, dict):
             try:
-                body, plan = await self.plugin.plan_for(_kind(route, body), body)
+                body, plans = await self.plugin.plan_for(_kind(route, body), body)
                 raw = json.dumps(body).encode()
             except RequestError as e:
                 return await self._refuse(send, e)
             except Exception as e:  # store/embedder failure: a server error, said plainly
                 log.exception("WRAG: retrieval failed")
                 return await respond(send, 500, error_body(f"WRAG retrieval failed: {e}", None, 500))
-            self.plugin.metrics.requests.labels(plan.source).inc()
-            self.plugin.metrics.shards.observe(len(plan.ids))
-            log.info("WRAG: %s -> shards %s method %s (%s)", route, plan.header(), plan.method, plan.source)
+            for plan in plans:  # each prompt of a completions batch is an engine request of its own
+                self.plugin.metrics.requests.labels(plan.source).inc()
+                self.plugin.metrics.shards.observe(len(plan.ids))
+            log.info("WRAG: %s -> shards %s method %s (%s)", route, ";".join(p.header() for p in plans),
+                     plans[0].method, ";".join(p.source for p in plans))
 
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(raw)).encode()))
+        rank = None
+        key = set_key(plans) if plans is not None and self.plugin.affinity is not None else ""
+        if key and not any(k.lower() == AFFINITY_HEADER for k, _ in headers):  # a router's choice stands
+            rank = self.plugin.affinity.acquire(key)
+            headers.append((AFFINITY_HEADER, str(rank).encode()))
         scope = dict(scope, headers=headers)
 
         async def send_with_headers(msg):
-            if msg["type"] == "http.response.start" and plan is not None:
+            if msg["type"] == "http.response.start" and plans is not None:
                 failed = msg.get("status", 200) >= 500  # the engine refused or failed the request
-                h = list(msg.get("headers", []))
-                h += [(b"x-wrag-shards", b"-" if failed else plan.header().encode()),
-                      (b"x-wrag-method", plan.method.encode()),
-                      (b"x-wrag-source", b"failed" if failed else plan.source.encode()),
-                      (b"x-wrag-scores", plan.scores_header().encode())]
-                msg = dict(msg, headers=h)
+                msg = dict(msg, headers=list(msg.get("headers", [])) + wrag_headers(plans, failed))
             await send(msg)
 
-        await self.app(scope, replay(raw, receive), send_with_headers)
+        try:
+            await self.app(scope, replay(raw, receive), send_with_headers)
+        finally:
+            if rank is not None:
+                self.plugin.affinity.release(rank)
 
     async def _refuse(self, send, e: RequestError):
         self.plugin.metrics.rejected.inc()

@@ -3,6 +3,7 @@
     wrag_retrieval_seconds        histogram   front end: store refresh + embed + search per request
     wrag_shards_per_request       histogram   shards applied per request
     wrag_requests_total{source}   counter     explicit | retrieved | off | none
+                                              (each prompt of a completions batch counts as a request)
     wrag_composition_seconds      gauge/sum   engine core: composition time (sum, count)
     wrag_composition_cache_hits / _misses     engine core
     wrag_pool_evictions_total / wrag_pool_loads_total   workers (device slot pool)

@@ -27,7 +27,9 @@ moves it for us and no side channel exists:
 
 Keys in extra_args:
     PUBLIC_KEYS   the client's controls (vllm_xargs), parsed by controls.py
-    PLAN_KEY      written by the API server: the sealed Plan JSON (version PLAN_VERSION)
+    PLAN_KEY      written by the API server: the sealed Plan JSON (version PLAN_VERSION); for a
+                  completions request retrieved per prompt, the list of them in prompt order,
+                  which hooks/prompts.py narrows to its own plan in each prompt's engine request
     SLOTS_KEY     written by the engine core: [[content key, weight, payload path], ...]
 Clients may send neither server key: the front end answers 400, the engine refuses the request.
 """

@@ -74,14 +74,21 @@ class EmbedBatcher:
         self.cache = ByteLRU(cache_bytes)
 
     def embed(self, store, text: str):
-        key = (store.embedder_name, text)
-        fut: Future = Future()
+        return self.embed_many(store, [text])[0]
+
+    def embed_many(self, store, texts: list[str]) -> list:
+        """The vectors of `texts`, in order: cached ones at once, the others in the batch of the
+        current leader (one embedder call for all of a multi-prompt request's new queries)."""
+        out, futs = [None] * len(texts), []
         with self._lock:
-            if (vec := self.cache.get(key)) is not None:
-                return vec
-            self._queue.append((text, fut))
-            lead = not self._busy
-            self._busy = True
+            for j, t in enumerate(texts):
+                if (vec := self.cache.get((store.embedder_name, t))) is not None:
+                    out[j] = vec
+                else:
+                    futs.append((j, Future()))
+                    self._queue.append((t, futs[-1][1]))
+            lead = bool(futs) and not self._busy
+            self._busy = self._busy or bool(futs)
         while lead:
             with self._lock:
                 batch, self._queue = self._queue, []
@@ -89,24 +96,30 @@ class EmbedBatcher:
                     self._busy = False
                     break
             try:
-                vecs = store.embedder.embed([t for t, _ in batch])
+                uniq = list(dict.fromkeys(t for t, _ in batch))   # a text twice is embedded once
+                vecs = dict(zip(uniq, store.embedder.embed(uniq)))
                 with self._lock:
-                    for (t, _), v in zip(batch, vecs):  # a copy: a row view would pin its batch
+                    for t, v in vecs.items():  # a copy: a row view would pin its batch
                         self.cache.put((store.embedder_name, t), v.copy(), v.nbytes + len(t))
-                for (_, f), v in zip(batch, vecs):
-                    f.set_result(v)
+                for t, f in batch:
+                    f.set_result(vecs[t])
             except BaseException as e:  # every waiter hears of the failure, none hangs
                 for _, f in batch:
                     f.set_exception(e)
-        return fut.result()
+        for j, f in futs:
+            out[j] = f.result()
+        return out
 
 
 class Resolver:
     """Thread-safe: every store call runs under one lock (the store is not assumed thread-safe)."""
 
-    def __init__(self, cfg: WragConfig, store: ShardStore | None = None):
+    def __init__(self, cfg: WragConfig, store: ShardStore | None = None, watch: bool = False):
+        """watch: keep the store's index current in the background (ShardStore.watch), so a
+        request after another replica's add does not pay the catch-up (the API server)."""
         self.cfg = cfg
         self._store = store
+        self._watch = watch
         self._lock = threading.RLock()
         self._batcher = EmbedBatcher()
 
@@ -115,6 +128,8 @@ class Resolver:
         with self._lock:
             if self._store is None:
                 self._store = ShardStore(self.cfg.store)
+                if self._watch:
+                    self._store.watch()
             return self._store
 
     def with_store(self, fn, wait: bool = True):
@@ -129,6 +144,15 @@ class Resolver:
             return fn(store)
         finally:
             self._lock.release()
+
+    def resolve_many(self, texts: list[str | None], c: RequestControls) -> list[Plan]:
+        """One Plan per text (the prompts of a completions request, in order), under the same
+        controls; the texts that retrieve are embedded in one batched call."""
+        tails = [query_tail(t, self.cfg.query_max_tokens) if t else None for t in texts]
+        todo = list(dict.fromkeys(t for t in tails if t)) if not (c.off or c.explicit) else []
+        store = self.with_store(lambda st: st) if todo else None   # refreshed: its current embedder
+        vecs = dict(zip(todo, self._batcher.embed_many(store, todo))) if todo else {}
+        return [self.resolve(t, c, vecs.get(q)) for t, q in zip(texts, tails)]
 
     def composite_needed(self, method: str, k: int) -> bool:
         return not (method == "linear" and k <= self.cfg.k_max)

@@ -12,14 +12,17 @@ the base model it is bound to, the embedder that made its vectors, an epoch and 
 
 Every write runs under `write_lock()`, which excludes the writers of all processes, and is one
 transaction that bumps the generation, so a reader sees a write entirely or not at all.
-SqliteCatalog (sqlite_catalog.py) implements the interface; another database plugs in as
-another subclass of Catalog.
+SqliteCatalog (sqlite_catalog.py, a store folder) and PgCatalog (pg_catalog.py, a PostgreSQL
+database that holds the shard files too) implement the interface.
 """
 from __future__ import annotations
 
 import abc
+import json
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -66,6 +69,10 @@ class CatalogState:
 
 class Catalog(abc.ABC):
     """Rows, embeddings, base, embedder, generation; one write at a time across processes."""
+
+    # Whether the catalog holds the shard files' bytes itself (a database store: `add` takes them
+    # as payloads, `file_bytes` gives them back) or they live in the store's folder beside it.
+    holds_files: bool = False
 
     # ------------------------------------------------------------------ locks
     @abc.abstractmethod
@@ -116,6 +123,24 @@ class Catalog(abc.ABC):
     def nbytes(self) -> int:
         """Bytes the catalog takes on disk."""
 
+    def wait(self, timeout: float) -> None:
+        """Block until another process may have committed, or `timeout` seconds pass (the default
+        has no way to hear of commits: it sleeps, and the caller polls)."""
+        time.sleep(timeout)
+
+    # ------------------------------------------------------------------ the files (holds_files only)
+    def file_names(self) -> set[str]:
+        """The names of the files the catalog holds."""
+        raise NotImplementedError
+
+    def file_bytes(self, name: str) -> bytes | None:
+        """The bytes of file `name`, None if the catalog holds no such file."""
+        raise NotImplementedError
+
+    def files_nbytes(self) -> int:
+        """Bytes the held files take."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ writes (under write_lock)
     @abc.abstractmethod
     def set_base(self, base: BaseFingerprint) -> None:
@@ -123,10 +148,12 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def add(self, entries: Sequence[Entry], vecs: np.ndarray, texts: Sequence[np.ndarray],
-            replace: Sequence[str], base: BaseFingerprint | None) -> tuple[int, list[int]]:
+            replace: Sequence[str], base: BaseFingerprint | None,
+            payloads: Sequence[bytes] | None = None) -> tuple[int, list[int]]:
         """One transaction: delete the rows of ids `replace`, insert `entries` with their index
-        vectors (n, dim + 1) and text vectors (m_i, dim), record `base` unless None. Returns (new
-        generation, the new rows' fids)."""
+        vectors (n, dim + 1) and text vectors (m_i, dim), record `base` unless None; a catalog that
+        `holds_files` also stores each entry's file bytes `payloads[i]` and drops the files no row
+        names any more. Returns (new generation, the new rows' fids)."""
 
     @abc.abstractmethod
     def remove(self, fid: int) -> int:
@@ -140,3 +167,41 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------- row encoding (every SQL catalog)
+COLUMNS = ("fid, id, file, name, description, samples, queries, rank, targets, layers, bytes, provenance, "
+           "allow_attention, embed_source, added_at")  # what decode_row reads, in order
+INSERTED = ("id, file, name, description, samples, queries, rank, targets, layers, bytes, provenance, "
+            "allow_attention, embed_source, added_at, embedding, text_vectors")  # what encode_entry gives
+
+
+def now_utc() -> str:
+    """The time a row is added: ISO 8601 UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def f32(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+def f16(t: np.ndarray) -> bytes:
+    return np.ascontiguousarray(t, dtype=np.float16).tobytes()
+
+
+def encode_entry(e: Entry, vec: np.ndarray, texts: np.ndarray, added_at: str) -> tuple:
+    """The INSERTED values of one row: lists and dicts as JSON text, the head as float32 bytes,
+    the text vectors as float16 bytes."""
+    return (e.id, e.file, e.name, e.description, json.dumps(list(e.samples)), json.dumps(list(e.queries)),
+            e.rank, json.dumps(e.targets), json.dumps(e.layers), e.bytes, json.dumps(e.provenance),
+            bool(e.allow_attention), e.embed_source, added_at, f32(vec), f16(texts))
+
+
+def decode_row(r: tuple) -> Row:
+    """A Row from the COLUMNS of one row."""
+    fid, sid, file, name, desc, samples, queries, rank, targets, layers, nbytes, prov, attn, src, added = r
+    return Row(id=sid, file=file, name=name, description=desc, samples=json.loads(samples),
+               queries=json.loads(queries), rank=rank,
+               targets=json.loads(targets), layers=json.loads(layers), bytes=nbytes,
+               provenance=json.loads(prov), allow_attention=bool(attn), embed_source=src, fid=fid,
+               added_at=added)

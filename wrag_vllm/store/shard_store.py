@@ -1,6 +1,8 @@
 """ShardStore: shards for one base model, searchable by text; a library, no server.
 
-A store folder holds
+A store is a folder (the default, below) or a PostgreSQL database (`postgresql://USER@HOST/DB`:
+pg_catalog.py holds the rows and the shard files' bytes; each process keeps the FAISS index file and
+the files it read in a local cache folder, location.cache_folder). A store folder holds
     catalog.sqlite  the catalog (sqlite_catalog.py): every shard's metadata, relevance head and
                     text vectors, the base model, the embedder, the generation. The source of truth.
     shards/         one safetensors file per shard (files.py)
@@ -28,10 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import threading
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -42,12 +45,15 @@ from ..shard import Shard, id_problem, load_shard
 from .catalog import Catalog, Entry, Row
 from .crash import crash_point
 from .embedding import centroid, embed_source, given_embeddings, stored_rows, text_vectors
-from .files import SHARDS, ShardFiles
+from .files import SHARDS, CachedShardFiles, ShardFiles
 from .index import INDEX, IndexCache
 from .relevance import (NEIGHBOURS, background_vectors, cosine_head, fit_head, head_dim, probability,
                         query_rows)
-from .location import default_store_path, store_location
+from .location import cache_folder, default_store_path, redact, store_location
 from .sqlite_catalog import SqliteCatalog
+
+log = logging.getLogger("wrag.store")
+WATCH_POLL_S = 1.0  # how often a watcher looks when it hears nothing (the fallback of LISTEN/NOTIFY)
 
 
 class ShardStore:
@@ -55,16 +61,29 @@ class ShardStore:
 
     def __init__(self, root: str | os.PathLike | None = None, embedder: Embedder | None = None,
                  create: bool = True):
-        self.root = store_location(root) if root is not None else default_store_path()
+        loc = store_location(root) if root is not None else default_store_path()
+        self.location = loc  # what reopens the store: its folder, or its database URL
         self._mu = threading.RLock()  # guards the index and what _sync sets
         self._closed = False
-        self._catalog: Catalog = SqliteCatalog(self.root, embedder, create)
+        self._watcher: threading.Thread | None = None
+        self._stopping = False  # close() asks the watcher to stop
+        self._catalog: Catalog
+        if isinstance(loc, str):  # a database URL
+            from .pg_catalog import PgCatalog  # psycopg only where a database store is opened
+
+            self.where, self.root = redact(loc), cache_folder(loc)  # root: the local cache
+            self._catalog = PgCatalog(loc, embedder, create)
+            self.root.mkdir(parents=True, exist_ok=True)
+        else:
+            self.where, self.root = str(loc), loc
+            self._catalog = SqliteCatalog(loc, embedder, create)
         st = self._catalog.state()
         self._emb_name, self._emb_dim, self._base = st.embedder_name, st.embedder_dim, st.base
         if embedder is not None:
             self._check_embedder(embedder)
         self._embedder = embedder
-        self._files = ShardFiles(self.root / SHARDS)
+        self._files = (CachedShardFiles(self.root / SHARDS, self._catalog) if self._catalog.holds_files
+                       else ShardFiles(self.root / SHARDS))
         self._index = IndexCache(self.root / INDEX, head_dim(self._emb_dim))
         self._cleanup()
         if st.stale_heads:
@@ -91,7 +110,7 @@ class ShardStore:
         with self._catalog.write_lock():
             cur = self._catalog.state().base
             if cur is not None and (why := cur.mismatch(base)) is not None:
-                raise StoreError(f"store {self.root} is bound to another base model: {why}")
+                raise StoreError(f"store {self.where} is bound to another base model: {why}")
             new = base if cur is None else cur.merged(base)
             if cur is None or new.to_dict() != cur.to_dict():
                 self._catalog.set_base(new)
@@ -114,7 +133,7 @@ class ShardStore:
             try:
                 emb = get_embedder(self._emb_name)
             except WragError as e:
-                raise StoreError(f"store {self.root} was indexed with embedder {self._emb_name!r}, which "
+                raise StoreError(f"store {self.where} was indexed with embedder {self._emb_name!r}, which "
                                  f"this process cannot provide: {e}") from e
             self._check_embedder(emb)
             self._embedder = emb
@@ -142,7 +161,7 @@ class ShardStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"ShardStore({str(self.root)!r}, shards={len(self)}, generation={self.generation})"
+        return f"ShardStore({self.where!r}, shards={len(self)}, generation={self.generation})"
 
     def close(self) -> None:
         """Persist the index cache if it is behind, and release the catalog."""
@@ -151,6 +170,9 @@ class ShardStore:
         if self._index.stale:
             with contextlib.suppress(OSError):
                 self._persist_index()
+        if self._watcher is not None:
+            self._stopping = True  # the watcher stops at its next wake-up
+            self._watcher.join(timeout=WATCH_POLL_S + 5)
         with self._mu:
             if self._closed:
                 return
@@ -259,7 +281,7 @@ class ShardStore:
             self._check_base(sh, base or shards[0].base)
         replaced = {r.id: r for r in self._catalog.rows([s.id for s in shards])}
         if replaced and not overwrite:
-            raise StoreError(f"shard id {sorted(replaced)[0]!r} already exists in store {self.root}; "
+            raise StoreError(f"shard id {sorted(replaced)[0]!r} already exists in store {self.where}; "
                              f"remove it first or pass overwrite=True (--overwrite)")
         return base, replaced
 
@@ -279,7 +301,8 @@ class ShardStore:
                          layers=sorted({l for l, _ in sh.factors}), bytes=nbytes, provenance=sh.provenance,
                          allow_attention=bool(allow_attention), embed_source=src)
                    for sh, (name, nbytes), src in zip(shards, files, sources)]
-        gen, fids = self._catalog.add(entries, vecs, texts, replace=list(replaced), base=record)
+        gen, fids = self._catalog.add(entries, vecs, texts, replace=list(replaced), base=record,
+                                      payloads=self._files.payloads([name for name, _ in files]))
         self._base = record or base
         return gen, fids
 
@@ -340,10 +363,7 @@ class ShardStore:
     def load(self, shard_id: str) -> Shard:
         """The shard, read from its file (validated)."""
         row = self._row(shard_id)
-        path = self._files.path(row.file)
-        if not path.exists():
-            raise StoreError(f"shard {shard_id!r} has no file {path} (removed by another process?)")
-        return load_shard(path, allow_attention=row.allow_attention)
+        return load_shard(self._files.local(row.file), allow_attention=row.allow_attention)
 
     def text_vectors(self, shard_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """shard id -> the text vectors (≤ STORED_ROWS, dim) the catalog keeps of it (embedding.py)."""
@@ -352,8 +372,8 @@ class ShardStore:
         return {r.id: tv[r.fid] for r in rows if r.fid in tv}
 
     def path(self, shard_id: str) -> Path:
-        """Path of the shard's safetensors file."""
-        return self._files.path(self._row(shard_id).file)
+        """Path of the shard's safetensors file (of a database store: its cached copy)."""
+        return self._files.local(self._row(shard_id).file)
 
     def search(self, text: str, k: int = 5) -> list[tuple[str, float]]:
         """(id, p) of the k shards most likely to own `text`, best first; p is the probability of
@@ -393,6 +413,32 @@ class ShardStore:
                 return False
             self._sync()
             return True
+
+    def watch(self, on_change: Callable[[], None] | None = None, poll_s: float = WATCH_POLL_S) -> None:
+        """Keep this instance in step with other processes' commits from a background thread, so
+        requests find the index current: a database store hears of each commit at once
+        (LISTEN/NOTIFY), a folder store looks every `poll_s` seconds. `on_change()` runs after each
+        catch-up. Readers still call `refresh()` before a read that must see the latest commit."""
+        with self._mu:
+            if self._watcher is not None:
+                return
+            self._watcher = threading.Thread(target=self._watch, args=(on_change, poll_s), daemon=True,
+                                             name="wrag-store-watch")
+            self._watcher.start()
+
+    def _watch(self, on_change: Callable[[], None] | None, poll_s: float) -> None:
+        while not self._stopping:
+            self._catalog.wait(poll_s)
+            if self._stopping:
+                return
+            try:
+                changed = self.refresh()
+            except Exception:  # noqa: BLE001 - a database gone for a while: the next round retries
+                log.warning("WRAG: store %s: could not catch up with other processes' commits", self.where,
+                            exc_info=True)
+                continue
+            if changed and on_change is not None:
+                on_change()
 
     def disk_usage(self) -> dict:
         """Bytes on disk: shard files, catalog (+WAL), index cache, and the total."""
@@ -435,14 +481,14 @@ class ShardStore:
     def _check_embedder(self, emb: Embedder) -> None:
         if (emb.name, int(emb.dim)) != (self._emb_name, self._emb_dim):
             raise StoreError(
-                f"store {self.root} was indexed with embedder {self._emb_name!r} (dim {self._emb_dim}); "
+                f"store {self.where} was indexed with embedder {self._emb_name!r} (dim {self._emb_dim}); "
                 f"refusing to mix in embedder {emb.name!r} (dim {emb.dim}): vectors of different "
                 f"embedders are not comparable. Open the store without an embedder, or re-embed every "
                 f"shard with ShardStore.reindex(embedder).")
 
     def _check_base(self, sh: Shard, base: BaseFingerprint | None) -> None:
         if base is not None and (why := base.mismatch(sh.base)) is not None:
-            raise StoreError(f"shard {sh.id!r} was made for a different base model than store {self.root}: "
+            raise StoreError(f"shard {sh.id!r} was made for a different base model than store {self.where}: "
                              f"{why}")
 
     def _row(self, shard_id: str, required: bool = True) -> Row | None:
@@ -456,7 +502,7 @@ class ShardStore:
         if not rows and required:
             near = difflib.get_close_matches(str(shard_id), list(self._catalog.ids().values()), n=3)
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
-            raise StoreError(f"unknown shard id {shard_id!r} in store {self.root}{hint}")
+            raise StoreError(f"unknown shard id {shard_id!r} in store {self.where}{hint}")
         return rows[0] if rows else None
 
     def _meta(self, r: Row) -> dict:

@@ -25,7 +25,6 @@ import os
 import secrets
 import sqlite3
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -34,7 +33,8 @@ import numpy as np
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import Catalog, CatalogState, Entry, Row
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, encode_entry, f16, f32,
+                      now_utc)
 from .crash import crash_point
 
 CATALOG = "catalog.sqlite"
@@ -64,11 +64,8 @@ CREATE TABLE IF NOT EXISTS shards (
     text_vectors BLOB                        -- float16 (m, dim), NULL until reindex after an upgrade
 );
 """
-_COLS = ("fid, id, file, name, description, samples, queries, rank, targets, layers, bytes, provenance, "
-         "allow_attention, embed_source, added_at")
-_INSERT = ("INSERT INTO shards (id, file, name, description, samples, queries, rank, targets, layers, bytes, "
-           "provenance, allow_attention, embed_source, added_at, embedding, text_vectors) "
-           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+_COLS = COLUMNS
+_INSERT = f"INSERT INTO shards ({INSERTED}) VALUES ({','.join('?' * 16)})"
 _UPGRADE_1 = ("ALTER TABLE shards ADD COLUMN queries TEXT NOT NULL DEFAULT '[]'",
               "ALTER TABLE shards ADD COLUMN text_vectors BLOB")
 
@@ -202,7 +199,7 @@ class SqliteCatalog(Catalog):
                 rows = self._conn.execute(f"SELECT {_COLS} FROM shards ORDER BY fid").fetchall()
             else:
                 rows = self._select_in(f"SELECT {_COLS} FROM shards WHERE id IN ({{}})", list(ids))
-        return [_row(r) for r in rows]
+        return [decode_row(r) for r in rows]
 
     def ids(self, after: int = 0) -> dict[int, str]:
         with self._mu:
@@ -248,13 +245,15 @@ class SqliteCatalog(Catalog):
             c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(base.to_dict()),))
 
     def add(self, entries: Sequence[Entry], vecs: np.ndarray, texts: Sequence[np.ndarray],
-            replace: Sequence[str], base: BaseFingerprint | None) -> tuple[int, list[int]]:
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+            replace: Sequence[str], base: BaseFingerprint | None,
+            payloads: Sequence[bytes] | None = None) -> tuple[int, list[int]]:
+        # payloads: none here, the files are in the store's folder
+        now = now_utc()
         with self._commit() as (c, gen):
             if base is not None:
                 c.execute("INSERT OR REPLACE INTO meta VALUES ('base', ?)", (json.dumps(base.to_dict()),))
             c.executemany("DELETE FROM shards WHERE id = ?", [(i,) for i in replace])
-            fids = [c.execute(_INSERT, _values(e, v, t, now)).lastrowid for e, v, t in zip(entries, vecs, texts)]
+            fids = [c.execute(_INSERT, encode_entry(e, v, t, now)).lastrowid for e, v, t in zip(entries, vecs, texts)]
             crash_point("add:before_commit")
         return gen, fids
 
@@ -267,7 +266,7 @@ class SqliteCatalog(Catalog):
     def reembed(self, embedder: Embedder, updates: Iterable[tuple[int, np.ndarray, np.ndarray, str]]) -> int:
         with self._commit() as (c, gen):
             c.executemany("UPDATE shards SET embedding = ?, text_vectors = ?, embed_source = ? WHERE fid = ?",
-                          [(_f32(v), _f16(t), src, fid) for fid, v, t, src in updates])
+                          [(f32(v), f16(t), src, fid) for fid, v, t, src in updates])
             c.execute("DELETE FROM meta WHERE key = 'stale_heads'")
             for k, v in (("embedder_name", embedder.name), ("embedder_dim", str(embedder.dim)),
                          ("epoch", secrets.token_hex(16))):
@@ -280,24 +279,3 @@ class SqliteCatalog(Catalog):
             os.close(self._lockfd)
 
 
-def _f32(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
-
-
-def _f16(t: np.ndarray) -> bytes:
-    return np.ascontiguousarray(t, dtype=np.float16).tobytes()
-
-
-def _values(e: Entry, vec: np.ndarray, texts: np.ndarray, added_at: str) -> tuple:
-    return (e.id, e.file, e.name, e.description, json.dumps(list(e.samples)), json.dumps(list(e.queries)),
-            e.rank, json.dumps(e.targets), json.dumps(e.layers), e.bytes, json.dumps(e.provenance),
-            int(e.allow_attention), e.embed_source, added_at, _f32(vec), _f16(texts))
-
-
-def _row(r: tuple) -> Row:
-    fid, sid, file, name, desc, samples, queries, rank, targets, layers, nbytes, prov, attn, src, added = r
-    return Row(id=sid, file=file, name=name, description=desc, samples=json.loads(samples),
-               queries=json.loads(queries), rank=rank,
-               targets=json.loads(targets), layers=json.loads(layers), bytes=nbytes,
-               provenance=json.loads(prov), allow_attention=bool(attn), embed_source=src, fid=fid,
-               added_at=added)

@@ -4,10 +4,12 @@ relies on is listed in symbols.py (a test fails loudly when an upgrade moves one
     layers.py     hook 1: out-of-tree gate_up_proj / down_proj classes that add the shard delta
     scheduler.py  hook 2: vLLM's chosen scheduler, subclassed with WRAG admission
     runner.py     hook 3: after the runner lays out a step's batch, the pool fills its metadata
-    symbols.py    the list of vLLM symbols, and the check
+    prompts.py    hook 4 (API server): engine request i of a multi-prompt completions request
+                  gets prompt i's plan
+    symbols.py    the list of vLLM symbols and source facts, and the check
 
 install() runs in every vLLM process (from plugin.register); the runner hooks are installed by
-the first WRAG layer, so only in workers.
+the first WRAG layer, so only in workers; the prompt hook by the front end, so only in API servers.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Every vLLM symbol WRAG subclasses, patches or relies on, in one list.
 
 tests/test_serving_hooks.py resolves each of them and fails loudly when a vLLM upgrade moves or
-renames one. The hooks themselves are in this package (layers.py, scheduler.py, runner.py); the
-supported plugin entry points are plugin.py (vllm.general_plugins) and frontend.py
-(vllm.endpoint_plugins).
+renames one, and checks the facts of vLLM's code WRAG relies on without importing a symbol for them
+(VLLM_SOURCE_FACTS: how engine requests of one completions body are named and ordered). The hooks
+themselves are in this package (layers.py, scheduler.py, runner.py, prompts.py); the supported
+plugin entry points are plugin.py (vllm.general_plugins) and frontend.py (vllm.endpoint_plugins).
 """
 from __future__ import annotations
 
@@ -38,9 +39,22 @@ VLLM_SYMBOLS = [
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_inputs", "wrapped (V2 runner step hook)"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.add_requests", "wrapped (V2: read extra_args)"),
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.finish_requests", "wrapped (V2: forget requests)"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.add_request", "wrapped (API server: prompt i's plan, prompts.py)"),
     ("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin", "protocol implemented by frontend.WragEndpoint"),
     ("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware.verify_token",
      "admin routes check --api-key the same way"),
+]
+# (module, qualified attribute, code snippets its source contains in this order, what WRAG relies on);
+# whitespace is ignored in the comparison
+VLLM_SOURCE_FACTS = [
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion._create_completion",
+     ('request_id_item = f"{request_id}-{i}"', "self.engine_client.generate(", "request_id_item,"),
+     "engine request i of a completions body is named {request_id}-{i} (prompts.prompt_index)"),
+    ("vllm.renderers.online_renderer", "OnlineRenderer.preprocess_completion",
+     ("prompts.extend(prompt_to_seq(prompt_embeds))", "prompts.extend(prompt_to_seq(prompt_input))"),
+     "engine inputs of a completions body: prompt_embeds first, then the prompts (frontend.query_texts)"),
+    ("vllm.v1.engine.async_llm", "AsyncLLM.generate", ("await self.add_request(request_id, prompt, sampling_params,",),
+     "add_request sees the request id the completions route gave generate (prompts.pick_plan)"),
 ]
 # attributes read on vLLM objects (not importable symbols; checked by the integration tests)
 VLLM_ATTRIBUTES = [
@@ -58,6 +72,22 @@ def resolve_symbol(module: str, attr: str):
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def changed_sources() -> list[str]:
+    """The VLLM_SOURCE_FACTS that vLLM's source no longer states."""
+    import inspect
+
+    out = []
+    for mod, attr, snippets, why in VLLM_SOURCE_FACTS:
+        src = "".join(inspect.getsource(resolve_symbol(mod, attr)).split())
+        at = 0
+        for snip in snippets:
+            at = src.find("".join(snip.split()), at)
+            if at < 0:
+                out.append(f"{mod}.{attr} no longer contains {snip!r} ({why})")
+                break
+    return out
 
 
 def missing_symbols() -> list[str]:
