@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import json
+import secrets
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -167,6 +168,25 @@ class Catalog(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------- the meta table (every SQL catalog)
+def embedder_meta(embedder: Embedder) -> list[tuple[str, str]]:
+    """The meta rows that bind a store to `embedder`, with a new epoch (every vector is new)."""
+    return [("embedder_name", embedder.name), ("embedder_dim", str(embedder.dim)), ("epoch", secrets.token_hex(16))]
+
+
+def new_meta(embedder: Embedder, schema_version: int) -> list[tuple[str, str]]:
+    """The meta rows of a new, empty store."""
+    return [("schema_version", str(schema_version)), ("generation", "0"), *embedder_meta(embedder)]
+
+
+def state_from_meta(meta: dict[str, str]) -> CatalogState:
+    """The CatalogState that the meta table's key -> value rows describe."""
+    base = BaseFingerprint.from_dict(json.loads(meta["base"])) if "base" in meta else None
+    return CatalogState(generation=int(meta["generation"]), epoch=meta["epoch"], base=base,
+                        embedder_name=meta["embedder_name"], embedder_dim=int(meta["embedder_dim"]),
+                        stale_heads=meta.get("stale_heads") == "1")
 
 
 # ---------------------------------------------------------------------- row encoding (every SQL catalog)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
-import secrets
 import threading
 import time
 from typing import Iterable, Iterator, Sequence
@@ -39,8 +38,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, encode_entry, f16, f32,
-                      now_utc)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, embedder_meta,
+                      encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 from .location import redact
 
@@ -122,10 +121,7 @@ class PgCatalog(Catalog):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
-                emb = embedder or get_embedder()
-                for k, v in (("schema_version", str(SCHEMA_VERSION)), ("generation", "0"),
-                             ("embedder_name", emb.name), ("embedder_dim", str(emb.dim)),
-                             ("epoch", secrets.token_hex(16))):
+                for k, v in new_meta(embedder or get_embedder(), SCHEMA_VERSION):
                     c.execute("INSERT INTO wrag_meta VALUES (%s, %s) ON CONFLICT (key) DO NOTHING", (k, v))
             meta = self._meta_or_none()
         if int(meta["schema_version"]) != SCHEMA_VERSION:
@@ -178,10 +174,7 @@ class PgCatalog(Catalog):
     def state(self) -> CatalogState:
         with self._mu:
             meta = dict(self._conn.execute("SELECT key, value FROM wrag_meta").fetchall())
-        base = BaseFingerprint.from_dict(json.loads(meta["base"])) if "base" in meta else None
-        return CatalogState(generation=int(meta["generation"]), epoch=meta["epoch"], base=base,
-                            embedder_name=meta["embedder_name"], embedder_dim=int(meta["embedder_dim"]),
-                            stale_heads=meta.get("stale_heads") == "1")
+        return state_from_meta(meta)
 
     def generation(self) -> int:
         with self._mu:
@@ -300,8 +293,7 @@ class PgCatalog(Catalog):
                 cur.executemany("UPDATE wrag_shards SET embedding = %s, text_vectors = %s, embed_source = %s "
                                 "WHERE fid = %s", [(f32(v), f16(t), src, fid) for fid, v, t, src in updates])
             c.execute("DELETE FROM wrag_meta WHERE key = 'stale_heads'")
-            for k, v in (("embedder_name", embedder.name), ("embedder_dim", str(embedder.dim)),
-                         ("epoch", secrets.token_hex(16))):
+            for k, v in embedder_meta(embedder):
                 c.execute("UPDATE wrag_meta SET value = %s WHERE key = %s", (v, k))
         return gen
 

@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -33,8 +32,8 @@ import numpy as np
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, encode_entry, f16, f32,
-                      now_utc)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, embedder_meta,
+                      encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 
 CATALOG = "catalog.sqlite"
@@ -104,10 +103,7 @@ class SqliteCatalog(Catalog):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
-                emb = embedder or get_embedder()
-                for k, v in (("schema_version", str(SCHEMA_VERSION)), ("generation", "0"),
-                             ("embedder_name", emb.name), ("embedder_dim", str(emb.dim)),
-                             ("epoch", secrets.token_hex(16))):
+                for k, v in new_meta(embedder or get_embedder(), SCHEMA_VERSION):
                     c.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (k, v))
                 meta = dict(c.execute("SELECT key, value FROM meta"))
         if int(meta["schema_version"]) == 1:
@@ -179,10 +175,7 @@ class SqliteCatalog(Catalog):
     def state(self) -> CatalogState:
         with self._mu:
             meta = dict(self._conn.execute("SELECT key, value FROM meta"))
-        base = BaseFingerprint.from_dict(json.loads(meta["base"])) if "base" in meta else None
-        return CatalogState(generation=int(meta["generation"]), epoch=meta["epoch"], base=base,
-                            embedder_name=meta["embedder_name"], embedder_dim=int(meta["embedder_dim"]),
-                            stale_heads=meta.get("stale_heads") == "1")
+        return state_from_meta(meta)
 
     def generation(self) -> int:
         with self._mu:
@@ -268,8 +261,7 @@ class SqliteCatalog(Catalog):
             c.executemany("UPDATE shards SET embedding = ?, text_vectors = ?, embed_source = ? WHERE fid = ?",
                           [(f32(v), f16(t), src, fid) for fid, v, t, src in updates])
             c.execute("DELETE FROM meta WHERE key = 'stale_heads'")
-            for k, v in (("embedder_name", embedder.name), ("embedder_dim", str(embedder.dim)),
-                         ("epoch", secrets.token_hex(16))):
+            for k, v in embedder_meta(embedder):
                 c.execute("UPDATE meta SET value = ? WHERE key = ?", (v, k))
         return gen
 
