@@ -100,16 +100,19 @@ class PgCatalog(Catalog):
         name = _dbname(self.url)
         try:
             with _connect(make_conninfo(self.url, dbname="postgres")) as admin:
-                if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-                    raise StoreError(f"cannot connect to the store database {self.where}: {_first_line(failure)}")
-                if not create:
-                    raise StoreError(f"no shard store at {self.where}: database {name!r} does not exist (create "
-                                     f"it with `wrag store init --store URL` or ShardStore.init)")
-                with contextlib.suppress(pgerrors.DuplicateDatabase):  # another process was first
-                    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                    if not create:
+                        raise StoreError(f"no shard store at {self.where}: database {name!r} does not exist "
+                                         f"(create it with `wrag store init --store URL` or ShardStore.init)")
+                    # another process creating it at the same time: either error, and the database is there
+                    with contextlib.suppress(pgerrors.DuplicateDatabase, pgerrors.UniqueViolation):
+                        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         except psycopg.Error:
             raise StoreError(f"cannot connect to the store database {self.where}: {_first_line(failure)}") from None
-        return _connect(self.url)
+        try:  # the database exists now: made here, or by another process since the first try
+            return _connect(self.url)
+        except psycopg.OperationalError as e:
+            raise StoreError(f"cannot connect to the store database {self.where}: {_first_line(e)}") from None
 
     def _init_schema(self, embedder: Embedder | None, create: bool) -> None:
         meta = self._meta_or_none()
