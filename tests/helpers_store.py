@@ -5,7 +5,8 @@ Run as a script, it is the writer:  python helpers_store.py STORE BASE_JSON OP [
     remove ID            remove one shard
     overwrite ID         re-add ID with a new description (overwrite=True)
     loop PREFIX N        add PREFIX-0 … PREFIX-{N-1}, printing each id once its add returned
-then close() the store (persists the index cache). Prints "ready" once imports are done.
+The writer loads the store's index first (as `wrag add` does to fit heads), keeps it in step, then
+close()s the store (persists the index cache). Prints "ready" once imports are done.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def _writer(argv: list[str]) -> int:
     root, base, op, *args = argv
     base = BaseFingerprint.from_dict(json.loads(base))
     store = ShardStore(root)
+    store.load_index()
     print("ready", flush=True)
 
     def shard(i, desc=None):

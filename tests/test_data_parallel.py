@@ -3,6 +3,8 @@ its own pool and admission; the front end routes by shard set (affinity.py) and 
 on either engine, gets the dense reference's tokens."""
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -31,6 +33,13 @@ def test_two_engines_route_by_shard_set_and_match_the_reference(tmp_path):
             assert status == 200 and headers["x-wrag-shards"] == f"{sid}=1", (status, headers, out)
             want = hf_greedy(model_dir, shards, prompt, (sid,), (1.0,), "svd-centered")
             assert out["choices"][0]["token_ids"] == want
+        # two API server processes: /metrics comes from prometheus_client's multiprocess files, and
+        # the engines' counters are still there (metrics.FrontMetrics.refresh_engine)
+        with urllib.request.urlopen(srv.base_url + "/metrics", timeout=60) as r:
+            text = r.read().decode()
+        values = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
+                  if line.startswith("wrag_")}
+        assert values.get("wrag_pool_loads_total", 0) >= 3, sorted(values)  # each engine loaded its sets
         log = srv.log_path.read_text()
         assert "shard-affinity routing over 2 data-parallel engines" in log
         assert "EngineCore_DP1" in log  # two engine cores really ran

@@ -420,3 +420,64 @@ def test_resolve_many_embeds_once_and_equals_resolve(store_with_shards, monkeypa
     calls.clear()
     explicit = Resolver(cfg, store_with_shards).resolve_many(texts[:2], parse_controls({"wrag_shards": ["code"]}, cfg))
     assert not calls and [p.ids for p in explicit] == [["code"], ["code"]]
+
+
+_METRICS_SCRIPT = r"""
+import json, os, sys
+from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+from wrag_vllm.serving.metrics import FrontMetrics, EngineStats
+
+run = os.environ["WRAG_RUN_DIR"]
+w = EngineStats(run, "worker"); w.set(pool_loads=5, pool_evictions=2)
+e = EngineStats(run, "engine"); e.composition(0.5, hit=False); e.composition(0.25, hit=True); e.flush(force=True)
+m = FrontMetrics(CollectorRegistry())   # an API server's metrics
+m.refresh_engine()                       # what the middleware does on GET /metrics
+scrape = CollectorRegistry(); multiprocess.MultiProcessCollector(scrape)   # what vLLM's /metrics serves
+print(generate_latest(scrape).decode())
+"""
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_engine_metrics_in_both_prometheus_modes(tmp_path, multiprocess):
+    """The engine's and workers' counters reach /metrics whether vLLM serves one registry (one API
+    server) or prometheus_client's multiprocess files (several API servers, data parallelism),
+    where a registered collector is never asked: same names, same values."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WRAG_RUN_DIR": str(tmp_path / "run")}
+    script = _METRICS_SCRIPT
+    if multiprocess:
+        (tmp_path / "prom").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    else:  # one registry with the collector, as vLLM serves without multiprocess mode
+        script = script.replace("scrape = CollectorRegistry(); multiprocess.MultiProcessCollector(scrape)",
+                                "scrape = m_reg").replace("m = FrontMetrics(CollectorRegistry())",
+                                                          "m_reg = CollectorRegistry(); m = FrontMetrics(m_reg)")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    values = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("wrag_") and " " in line:
+            name, v = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(v)
+    assert values["wrag_pool_loads_total"] == 5 and values["wrag_pool_evictions_total"] == 2, values
+    assert values["wrag_compositions_total"] == 2 and values["wrag_composition_cache_hits_total"] == 1
+    assert values["wrag_composition_seconds_total"] == pytest.approx(0.75)
+    assert values["wrag_composition_cache_hit_rate"] == pytest.approx(0.5)
+
+
+def test_engine_stats_reach_the_file_after_a_burst(tmp_path):
+    """Writes are rate-limited, but the last counts of a burst are written shortly after it."""
+    import time
+
+    from wrag_vllm.serving.metrics import EngineStats, read_engine_stats
+
+    st = EngineStats(str(tmp_path), "engine")
+    for _ in range(5):
+        st.prepared(0.01, 1)
+    t = time.monotonic()
+    while read_engine_stats(str(tmp_path)).get("prepared") != 5 and time.monotonic() - t < 5:
+        time.sleep(0.05)
+    assert read_engine_stats(str(tmp_path))["prepared"] == 5

@@ -171,12 +171,15 @@ def test_remove_and_overwrite(domain_store, base, minilm):
 def test_reopen_uses_persisted_index_and_catches_up(store_at, base):
     root = store_at("s")
     with ShardStore(root) as a:
+        a.load_index()  # adds with given vectors need no index: a loaded one is kept in step and persisted
         for i in range(5):
             a.add(random_shard(base, f"s{i}", rank=2, seed=i), embedding=unit(f"s{i}"))
     b = ShardStore(root)
-    assert b._index.persisted == (b._index.epoch, b.generation) == (b._index.epoch, 5)  # loaded, not rebuilt stale
+    assert not b._index.loaded and b.generation == 5 and len(b) == 5  # no search yet: no index in memory
+    b.load_index()
+    assert b._index.persisted == (b._index.epoch, b._index.generation) == (b._index.epoch, 5)  # the file's
     assert [b.search_vector(unit(f"s{i}"), 1)[0][0] for i in range(5)] == [f"s{i}" for i in range(5)]
-    # a writer that never closes leaves the index file stale: the next opener diffs and persists
+    # a writer that never closes leaves the index file stale: the next opener's first search diffs it
     b.add(random_shard(base, "late", rank=2, seed=9), embedding=unit("late"))
     b.remove("s0")
     c = ShardStore(root)
@@ -193,6 +196,7 @@ def test_reopen_uses_persisted_index_and_catches_up(store_at, base):
 def test_refresh_across_instances(store_at, base):
     root = store_at("s")
     writer, reader = ShardStore(root), ShardStore(root)
+    reader.load_index()  # else its first search loads the index as of then
     assert reader.refresh() is False
     writer.add(random_shard(base, "x", rank=2), embedding=unit("x"))
     assert reader.search_vector(unit("x"), 1) == []  # not yet refreshed
@@ -435,3 +439,97 @@ def test_orphans_left_by_a_dead_writer_are_cleaned_on_open(store_at, base):
     assert [r["id"] for r in s.list()] == ["keep"]
     assert sorted(p.name for p in (folder / "shards").iterdir()) == [Path(s.get_meta("keep")["path"]).name]
     assert json.loads(json.dumps(s.list()))  # meta rows are JSON-serialisable (the CLI prints them)
+
+
+def test_large_index_is_compressed_and_exact(store_at, base, monkeypatch):
+    """From COMPRESS_AT rows the index holds 4-bit PQ codes instead of float32 heads, and a search
+    rescores its candidates with the catalog's heads: the hits and scores of an exact search."""
+    from wrag_vllm.store import index as index_mod
+    from wrag_vllm.store.relevance import cosine_head, probability, query_rows
+
+    monkeypatch.setattr(index_mod, "COMPRESS_AT", 300)
+    monkeypatch.setattr(index_mod, "RETRAIN_GROWTH", 2)
+    rng = np.random.default_rng(0)
+    centers = normalize_rows(rng.standard_normal((12, 384)).astype(np.float32))
+    vecs = normalize_rows(centers[rng.integers(0, 12, 1400)] + 0.35 * rng.standard_normal((1400, 384)).astype(np.float32))
+    ids = [f"c{i:04d}" for i in range(len(vecs))]
+    shards = [random_shard(base, i, rank=1, seed=j) for j, i in enumerate(ids)]
+    root = store_at("s")
+    store = ShardStore(root)
+    store.load_index()
+    store.add_many(shards[:250], embeddings=vecs[:250])
+    assert not store._index.compressed
+    store.add_many(shards[250:700], embeddings=vecs[250:700])
+    assert store._index.compressed and store._index.trained_at == 700
+    _, data = store._index.image()
+    assert len(data) / 700 < 4 * 385 / 4  # codebooks included, under a quarter of the float32 heads
+
+    def check(st, n):
+        heads = np.stack([cosine_head(v) for v in vecs[:n]])
+        q = normalize_rows(vecs[:60] + 0.05 * rng.standard_normal((60, 384)).astype(np.float32))
+        exact = query_rows(q) @ heads.T
+        got = st.search_vectors(q, k=3)
+        same = 0
+        for row, ex in zip(got, exact):
+            want = np.argsort(-ex)[:3]
+            same += [i for i, _ in row] == [ids[j] for j in want]
+            for i, p in row:  # every score returned is the exact one
+                assert p == pytest.approx(probability(ex[ids.index(i)]), abs=1e-5)
+        assert same >= 57, same  # ≥ 95% of the top-3 lists exactly as an exact search
+        assert [r[0][0] for r in got] == ids[:60]
+
+    check(store, 700)
+    store.remove(ids[0])
+    assert all(i != ids[0] for i, _ in store.search_vector(vecs[0], 5)) and store.verify() == []
+    store.add(shards[0], embedding=vecs[0])
+    store.close()
+    again = ShardStore(root)
+    again.load_index()  # the compressed index from its file
+    assert again._index.compressed and again._index.trained_at == 700 and again._index.persisted is not None
+    check(again, 700)
+    again.add_many(shards[700:], embeddings=vecs[700:])  # grown 2×: codebooks retrained on 1,400 rows
+    assert again._index.trained_at == 1400 and again.verify() == []
+    check(again, 1400)
+
+
+def test_watch_keeps_a_reader_current(store_at, base):
+    """watch(): a reader's index follows another writer's commits with no refresh() call (a database
+    store hears NOTIFY, a folder store polls)."""
+    root = store_at("s")
+    writer, reader = ShardStore(root), ShardStore(root)
+    reader.load_index()
+    changed = threading.Event()
+    reader.watch(on_change=changed.set, poll_s=0.1)
+    writer.add(random_shard(base, "w", rank=2), embedding=unit("w"))
+    assert changed.wait(20) and reader.generation == writer.generation
+    assert reader.search_vector(unit("w"), 1)[0][0] == "w"  # search itself never refreshes
+    reader.close()
+    assert reader._watcher is not None and not reader._watcher.is_alive()
+
+
+def test_watch_warns_once_per_outage(tmp_path, base, monkeypatch, caplog):
+    """A catalog that cannot be read for a while: one warning when it starts, one when it is back,
+    not one per poll."""
+    import logging
+    import time
+
+    store = ShardStore(tmp_path / "s")
+    real, calls = store.refresh, {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] <= 20:
+            raise StoreError("the database went away")
+        return real()
+
+    monkeypatch.setattr(store, "refresh", flaky)
+    with caplog.at_level(logging.WARNING, logger="wrag.store"):
+        store.watch(poll_s=0.01)
+        t = time.monotonic()
+        while calls["n"] < 25 and time.monotonic() - t < 20:
+            time.sleep(0.01)
+        store.close()
+    msgs = [r.getMessage() for r in caplog.records if r.name == "wrag.store"]
+    assert calls["n"] >= 25
+    assert sum("could not catch up" in m for m in msgs) == 1, msgs
+    assert sum("caught up again" in m for m in msgs) == 1, msgs

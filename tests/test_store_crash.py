@@ -52,6 +52,7 @@ def _kill(proc):
 
 def _seed_store(root, base, ids=("s0", "s1", "s2")):
     with ShardStore(root) as s:
+        s.load_index()  # kept in step: close() leaves the index file current
         for i in ids:
             s.add(random_shard(base, i, rank=2, description=f"domain {i}"), embedding=unit(i))
 

@@ -267,6 +267,8 @@ class WragMiddleware:
 
     async def __call__(self, scope, receive, send):
         route = scope["path"].removeprefix(scope.get("root_path", "")) if scope["type"] == "http" else ""
+        if route.startswith("/metrics") and self.plugin.metrics is not None:
+            self.plugin.metrics.refresh_engine()  # several API servers: the engine gauges, fresh
         if scope.get("method") != "POST" or not self.plugin.active or route not in ROUTES:
             return await self.app(scope, receive, send)
         if route in KEYED_OUTSIDE_V1 and self.plugin.tokens:

@@ -9,8 +9,11 @@
     wrag_pool_evictions_total / wrag_pool_loads_total   workers (device slot pool)
 
 The engine core and workers are other processes: they write their counters to small JSON files
-in the server's run directory, and a collector in the API server reads them at scrape time (so no
-prometheus multiprocess mode is needed).
+in the server's run directory, and the API server reads them at scrape time: a collector on the
+registry, or — when vLLM runs several API server processes (data parallelism) and serves /metrics
+from prometheus_client's multiprocess files, where a collector is never asked — gauges of the same
+names (multiprocess_mode "mostrecent") that the middleware sets on each GET /metrics
+(FrontMetrics.refresh_engine).
 """
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ class EngineStats:
                   "pool_evictions": 0, "pool_loads": 0}
         self._last = 0.0
         self._lock = threading.Lock()
+        self._later: threading.Timer | None = None
+
+    def _flush_later(self) -> None:
+        with self._lock:
+            self._later = None
+        self.flush(force=True)
 
     def composition(self, seconds: float, hit: bool) -> None:
         with self._lock:
@@ -55,8 +64,15 @@ class EngineStats:
         self.flush()
 
     def flush(self, force: bool = False) -> None:
+        """Write the counters, at most every 0.5 s unless forced; a skipped write happens 0.5 s later
+        (so the last counts of a burst reach the file even if nothing follows)."""
         now = time.monotonic()
         if not force and now - self._last < 0.5:
+            with self._lock:
+                if self._later is None:
+                    self._later = threading.Timer(0.5, self._flush_later)
+                    self._later.daemon = True
+                    self._later.start()
             return
         self._last = now
         with self._lock:
@@ -79,9 +95,32 @@ def read_engine_stats(run_dir: str | None) -> dict:
     return tot
 
 
+# engine counters: (key in the stats files, metric name without _total, help)
+ENGINE_COUNTERS = [
+    ("composition_seconds_sum", "wrag_composition_seconds", "WRAG composition time (engine core)"),
+    ("composition_count", "wrag_compositions", "WRAG compositions looked up"),
+    ("composition_cache_hits", "wrag_composition_cache_hits", "WRAG composition cache hits"),
+    ("composition_cache_misses", "wrag_composition_cache_misses", "WRAG composition cache misses"),
+    ("prepare_seconds_sum", "wrag_prepare_seconds",
+     "WRAG request preparation time in the engine core (store load + composition + payload)"),
+    ("prepared", "wrag_prepared_requests", "WRAG requests prepared"),
+    ("pool_evictions", "wrag_pool_evictions", "WRAG device pool evictions"),
+    ("pool_loads", "wrag_pool_loads", "WRAG device pool slot loads"),
+]
+HIT_RATE = ("wrag_composition_cache_hit_rate", "WRAG composition cache hit rate")
+
+
+def engine_values(run_dir: str | None) -> tuple[dict[str, float], float]:
+    """(metric name -> counter value, composition cache hit rate) summed over the stats files."""
+    s = read_engine_stats(run_dir)
+    values = {name: float(s.get(key, 0)) for key, name, _ in ENGINE_COUNTERS}
+    n = values["wrag_compositions"]
+    return values, (values["wrag_composition_cache_hits"] / n) if n else 0.0
+
+
 class FrontMetrics:
     def __init__(self, registry=None):
-        from prometheus_client import REGISTRY, Counter, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
         reg = registry or REGISTRY
         self.retrieval = Histogram("wrag_retrieval_seconds", "WRAG retrieval latency (refresh + embed + search)",
@@ -90,30 +129,32 @@ class FrontMetrics:
                                 buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=reg)
         self.requests = Counter("wrag_requests", "WRAG requests by plan source", ["source"], registry=reg)
         self.rejected = Counter("wrag_rejected_requests", "WRAG requests refused with HTTP 400", registry=reg)
-        reg.register(_EngineCollector())
+        self._gauges = None
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self._gauges = {name: Gauge(f"{name}_total", doc, multiprocess_mode="mostrecent", registry=reg)
+                            for _, name, doc in ENGINE_COUNTERS}
+            self._gauges[HIT_RATE[0]] = Gauge(*HIT_RATE, multiprocess_mode="mostrecent", registry=reg)
+        else:
+            reg.register(_EngineCollector())
+
+    def refresh_engine(self) -> None:
+        """Multiprocess mode: set the engine gauges from the stats files (before a scrape)."""
+        if self._gauges is None:
+            return
+        values, hit_rate = engine_values(os.environ.get("WRAG_RUN_DIR"))
+        for name, v in values.items():
+            self._gauges[name].set(v)
+        self._gauges[HIT_RATE[0]].set(hit_rate)
 
 
 class _EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        s = read_engine_stats(os.environ.get("WRAG_RUN_DIR"))
-        g = lambda k: float(s.get(k, 0))  # noqa: E731
-        yield CounterMetricFamily("wrag_composition_seconds", "WRAG composition time (engine core)",
-                                  value=g("composition_seconds_sum"))
-        yield CounterMetricFamily("wrag_compositions", "WRAG compositions looked up", value=g("composition_count"))
-        yield CounterMetricFamily("wrag_composition_cache_hits", "WRAG composition cache hits",
-                                  value=g("composition_cache_hits"))
-        yield CounterMetricFamily("wrag_composition_cache_misses", "WRAG composition cache misses",
-                                  value=g("composition_cache_misses"))
-        n = g("composition_count")
-        yield GaugeMetricFamily("wrag_composition_cache_hit_rate", "WRAG composition cache hit rate",
-                                value=(g("composition_cache_hits") / n) if n else 0.0)
-        yield CounterMetricFamily("wrag_prepare_seconds", "WRAG request preparation time in the engine core "
-                                  "(store load + composition + payload)", value=g("prepare_seconds_sum"))
-        yield CounterMetricFamily("wrag_prepared_requests", "WRAG requests prepared", value=g("prepared"))
-        yield CounterMetricFamily("wrag_pool_evictions", "WRAG device pool evictions", value=g("pool_evictions"))
-        yield CounterMetricFamily("wrag_pool_loads", "WRAG device pool slot loads", value=g("pool_loads"))
+        values, hit_rate = engine_values(os.environ.get("WRAG_RUN_DIR"))
+        for _, name, doc in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=values[name])
+        yield GaugeMetricFamily(*HIT_RATE, value=hit_rate)
 
 
 def front_metrics() -> FrontMetrics:

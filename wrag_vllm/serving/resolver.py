@@ -127,9 +127,15 @@ class Resolver:
     def store(self):
         with self._lock:
             if self._store is None:
-                self._store = ShardStore(self.cfg.store)
-                if self._watch:
-                    self._store.watch()
+                store = ShardStore(self.cfg.store)
+                if self._watch:  # the process that retrieves: its index loaded before the first request
+                    try:
+                        store.load_index()
+                        store.watch()
+                    except BaseException:
+                        store.close()
+                        raise
+                self._store = store  # only once ready: a failure here is retried by the next call
             return self._store
 
     def with_store(self, fn, wait: bool = True):

@@ -98,8 +98,12 @@ class Catalog(abc.ABC):
         """All rows, oldest first, or the rows of those of `ids` that the catalog holds."""
 
     @abc.abstractmethod
-    def ids(self, after: int = 0) -> dict[int, str]:
-        """fid -> shard id of the rows with fid > after."""
+    def fids(self, after: int = 0) -> np.ndarray:
+        """The fids (int64, ascending) of the rows with fid > after."""
+
+    @abc.abstractmethod
+    def ids(self, fids: Sequence[int] | None = None) -> dict[int, str]:
+        """fid -> shard id of the rows `fids` that the catalog holds (of every row when None)."""
 
     @abc.abstractmethod
     def count(self) -> int: ...
@@ -215,6 +219,14 @@ def encode_entry(e: Entry, vec: np.ndarray, texts: np.ndarray, added_at: str) ->
     return (e.id, e.file, e.name, e.description, json.dumps(list(e.samples)), json.dumps(list(e.queries)),
             e.rank, json.dumps(e.targets), json.dumps(e.layers), e.bytes, json.dumps(e.provenance),
             bool(e.allow_attention), e.embed_source, added_at, f32(vec), f16(texts))
+
+
+def decode_vectors(rows: Sequence[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, d) float32, fids (n,) int64) from (fid, float32 bytes) rows; (0, 0) when none."""
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    vecs = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
+    return np.ascontiguousarray(vecs), np.asarray([f for f, _ in rows], dtype=np.int64)
 
 
 def decode_row(r: tuple) -> Row:

@@ -38,8 +38,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, embedder_meta,
-                      encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, decode_vectors,
+                      embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 from .location import redact
 
@@ -192,9 +192,17 @@ class PgCatalog(Catalog):
                                           (list(ids),)).fetchall()
         return [decode_row(r) for r in rows]
 
-    def ids(self, after: int = 0) -> dict[int, str]:
+    def fids(self, after: int = 0) -> np.ndarray:
         with self._mu:
-            return dict(self._conn.execute("SELECT fid, id FROM wrag_shards WHERE fid > %s", (after,)).fetchall())
+            rows = self._conn.execute("SELECT fid FROM wrag_shards WHERE fid > %s ORDER BY fid", (after,)).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids(self, fids: Sequence[int] | None = None) -> dict[int, str]:
+        with self._mu:
+            if fids is None:
+                return dict(self._conn.execute("SELECT fid, id FROM wrag_shards").fetchall())
+            return dict(self._conn.execute("SELECT fid, id FROM wrag_shards WHERE fid = ANY(%s)",
+                                           ([int(f) for f in fids],)).fetchall())
 
     def count(self) -> int:
         with self._mu:
@@ -204,8 +212,7 @@ class PgCatalog(Catalog):
         with self._mu:
             rows = self._conn.execute("SELECT fid, embedding FROM wrag_shards WHERE fid = ANY(%s)",
                                       ([int(f) for f in fids],)).fetchall()
-        vecs = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
-        return np.ascontiguousarray(vecs), np.asarray([f for f, _ in rows], dtype=np.int64)
+        return decode_vectors(rows)
 
     def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._mu:

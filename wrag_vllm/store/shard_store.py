@@ -21,6 +21,10 @@ A kill before 2 commits leaves only files no row names, which the next opener de
 write lock, so never a file a live writer is about to commit); a kill after 2 leaves, at worst,
 such files too. The index file may lag the catalog by any number of commits: the opener diffs it.
 
+Memory: the index is the only per-shard state a process holds (index.py: float32 heads up to
+COMPRESS_AT shards, 4-bit codes past it), and it is loaded by the first search, so a process that
+only loads shards by id (an engine core behind a front end) holds none.
+
 Readers in other processes call `refresh()`; when nothing was committed it costs one cheap query.
 
 Locks: `_mu` guards the in-memory index and what `_sync` sets. It is taken after the write lock,
@@ -33,6 +37,7 @@ import difflib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -53,6 +58,8 @@ from .location import cache_folder, default_store_path, redact, store_location
 from .sqlite_catalog import SqliteCatalog
 
 log = logging.getLogger("wrag.store")
+HINT_MAX = 10_000  # stores up to this size suggest near ids for an unknown one
+WATCH_WARN_EVERY_S = 60.0  # while the catalog cannot be read, the watcher warns this often
 WATCH_POLL_S = 1.0  # how often a watcher looks when it hears nothing (the fallback of LISTEN/NOTIFY)
 
 
@@ -84,15 +91,13 @@ class ShardStore:
         self._embedder = embedder
         self._files = (CachedShardFiles(self.root / SHARDS, self._catalog) if self._catalog.holds_files
                        else ShardFiles(self.root / SHARDS))
-        self._index = IndexCache(self.root / INDEX, head_dim(self._emb_dim))
+        self._index = IndexCache(self.root / INDEX, head_dim(self._emb_dim))  # loaded by the first search
+        self._gen = st.generation  # the catalog generation this instance reflects
         self._cleanup()
         if st.stale_heads:
             self._upgrade()
         with self._mu:
             self._sync()
-        if self._index.stale:
-            with contextlib.suppress(OSError):
-                self._persist_index()
 
     @classmethod
     def init(cls, root: str | os.PathLike | None = None, base: BaseFingerprint | None = None,
@@ -124,7 +129,7 @@ class ShardStore:
     @property
     def generation(self) -> int:
         """Catalog generation this instance reflects; bumps on every add/remove/reindex commit."""
-        return self._index.generation
+        return self._gen
 
     @property
     def embedder(self) -> Embedder:
@@ -148,8 +153,7 @@ class ShardStore:
         return self._emb_dim
 
     def __len__(self) -> int:
-        with self._mu:
-            return len(self._index.ids)
+        return self._catalog.count()
 
     def __contains__(self, shard_id: str) -> bool:
         return self._row(shard_id, required=False) is not None
@@ -214,8 +218,7 @@ class ShardStore:
                 raise
             crash_point("add:after_commit")
             self._files.unlink(r.file for r in replaced.values())  # new files never take an old name
-            removed, added = [r.fid for r in replaced.values()], dict(zip(fids, (s.id for s in shards)))
-            self._update_index(gen, removed, added, vecs)
+            self._update_index(gen, [r.fid for r in replaced.values()], fids, vecs)
             return [self.get_meta(s.id) for s in shards]
 
     def _check(self, shards: list[Shard], allow_attention: bool) -> None:
@@ -261,10 +264,10 @@ class ShardStore:
         near_old: list[list[int]] = [[] for _ in tvs]
         old_texts: dict[int, np.ndarray] = {}
         if existing:
+            skip = {r.fid for r in self._catalog.rows(sorted(new_ids))}  # rows an overwrite replaces
             with self._mu:
-                skip = {f for f, i in self._index.ids.items() if i in new_ids}
-                near_old = [[f for f in row if f not in skip][:NEIGHBOURS]
-                            for row in self._index.nearest(query_rows(cents), NEIGHBOURS + len(skip))]
+                near = self._ready_index().search(query_rows(cents), NEIGHBOURS + len(skip), self._catalog)
+            near_old = [[f for f, _ in row if f not in skip][:NEIGHBOURS] for row in near]
             old_texts = self._catalog.text_vectors(sorted({f for row in near_old for f in row}))
         heads = []
         for i, tv in enumerate(tvs):
@@ -306,12 +309,13 @@ class ShardStore:
         self._base = record or base
         return gen, fids
 
-    def _update_index(self, gen: int, removed: list[int], added: dict[int, str],
-                      vecs: np.ndarray | None) -> None:
-        """After our own commit: in place if the index was at the generation before it, else by diff."""
+    def _update_index(self, gen: int, removed: list[int], added: list[int], vecs: np.ndarray | None) -> None:
+        """After our own commit (fids removed, fids added with heads vecs): a loaded index at the
+        generation before it is updated in place, else caught up by a diff."""
         with self._mu:
-            if gen == self._index.generation + 1:
-                self._index.apply(gen, removed, added, vecs)
+            if self._index.loaded and gen == self._index.generation + 1:
+                self._index.apply(gen, removed, added, vecs, self._catalog)
+                self._gen = gen
             else:
                 self._sync()
 
@@ -322,7 +326,7 @@ class ShardStore:
             gen = self._catalog.remove(row.fid)
             crash_point("remove:after_commit")
             self._files.unlink([row.file])
-            self._update_index(gen, [row.fid], {}, None)
+            self._update_index(gen, [row.fid], [], None)
 
     def reindex(self, embedder: Embedder | None = None) -> int:
         """Re-embed every shard's texts with `embedder` (default: the store's), refit every head with
@@ -397,19 +401,29 @@ class ShardStore:
         return self._search(np.asarray(vecs, dtype=np.float32), k)
 
     def _search(self, q: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        if q.ndim != 2 or q.shape[1] != self._emb_dim:
-            raise StoreError(f"query vectors have shape {tuple(q.shape)}, store expects (n, {self._emb_dim})")
-        if not np.isfinite(q).all():
-            raise StoreError("query vector contains NaN or Inf values")
-        q = query_rows(normalize_rows(q))
         with self._mu:
-            hits = self._index.search(q, k)
-        return [[(i, probability(z)) for i, z in row] for row in hits]
+            index = self._ready_index()  # first: loading it may take another process's reindex
+            if q.ndim != 2 or q.shape[1] != self._emb_dim:
+                raise StoreError(f"query vectors have shape {tuple(q.shape)}, store expects (n, {self._emb_dim})")
+            if not np.isfinite(q).all():
+                raise StoreError("query vector contains NaN or Inf values")
+            hits = index.search(query_rows(normalize_rows(q)), k, self._catalog)
+        names = self._catalog.ids({f for row in hits for f, _ in row})  # a row removed since: left out
+        return [[(names[f], probability(z)) for f, z in row if f in names] for row in hits]
+
+    def load_index(self) -> None:
+        """Load the search index now rather than at the first search (a server, before its first
+        request), and write its file if that was behind."""
+        with self._mu:
+            self._ready_index()
+        if self._index.stale:
+            with contextlib.suppress(OSError):
+                self._persist_index()
 
     def refresh(self) -> bool:
         """Catch up with commits of other processes/connections. True if anything changed."""
         with self._mu:
-            if self._catalog.generation() == self._index.generation:
+            if self._catalog.generation() == self._gen:
                 return False
             self._sync()
             return True
@@ -427,6 +441,8 @@ class ShardStore:
             self._watcher.start()
 
     def _watch(self, on_change: Callable[[], None] | None, poll_s: float) -> None:
+        failing_since = None  # monotonic time of the first failure of the current outage
+        warned = 0.0
         while not self._stopping:
             self._catalog.wait(poll_s)
             if self._stopping:
@@ -434,9 +450,17 @@ class ShardStore:
             try:
                 changed = self.refresh()
             except Exception:  # noqa: BLE001 - a database gone for a while: the next round retries
-                log.warning("WRAG: store %s: could not catch up with other processes' commits", self.where,
-                            exc_info=True)
+                now = time.monotonic()
+                if failing_since is None or now - warned >= WATCH_WARN_EVERY_S:  # not once a poll
+                    failing_since = failing_since or now
+                    warned = now
+                    log.warning("WRAG: store %s: could not catch up with other processes' commits for %.0f s; "
+                                "retrying every %.0f s", self.where, now - failing_since, poll_s, exc_info=True)
                 continue
+            if failing_since is not None:
+                log.warning("WRAG: store %s: caught up again after %.0f s", self.where,
+                            time.monotonic() - failing_since)
+                failing_since = None
             if changed and on_change is not None:
                 on_change()
 
@@ -464,16 +488,15 @@ class ShardStore:
                                     f"{4 * head_dim(self._emb_dim)}")
             for f in sorted(files - {r.file for r in rows}):
                 problems.append(f"orphan file shards/{f}")
-            if gen == self._index.generation:
-                idx_ids, cat = set(self._index.fids().tolist()), {r.fid for r in rows}
-                ntotal = self._index.index.ntotal
+            idx = self._ready_index()
+            if gen == idx.generation:
+                idx_ids, cat = set(idx.fids().tolist()), {r.fid for r in rows}
+                ntotal = idx.index.ntotal
                 if idx_ids != cat or ntotal != len(rows):
                     problems.append(f"index holds {ntotal} entries, catalog {len(rows)} rows "
                                     f"({len(cat - idx_ids)} missing, {len(idx_ids - cat)} extra)")
-                if self._index.ids != {r.fid: r.id for r in rows}:
-                    problems.append("id map differs from catalog")
             else:
-                problems.append(f"instance at generation {self._index.generation}, catalog at {gen}: "
+                problems.append(f"instance at generation {idx.generation}, catalog at {gen}: "
                                 f"call refresh()")
         return problems
 
@@ -500,7 +523,9 @@ class ShardStore:
             return None
         rows = self._catalog.rows([shard_id])
         if not rows and required:
-            near = difflib.get_close_matches(str(shard_id), list(self._catalog.ids().values()), n=3)
+            # a hint compares every id (Python, O(n)): only where that stays cheap
+            near = (difflib.get_close_matches(str(shard_id), list(self._catalog.ids().values()), n=3)
+                    if self._catalog.count() <= HINT_MAX else [])
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
             raise StoreError(f"unknown shard id {shard_id!r} in store {self.where}{hint}")
         return rows[0] if rows else None
@@ -520,10 +545,23 @@ class ShardStore:
                 self._files.sweep(keep=self._catalog.files())
                 self._index.sweep()
 
+    def _ready_index(self) -> IndexCache:
+        """The index, loaded on first use: its file, caught up with the catalog (caller holds _mu).
+        A process that never searches (an engine core behind a front end) never holds it."""
+        if not self._index.loaded:
+            self._index.load()
+            try:
+                self._sync()
+            except BaseException:  # e.g. the database went away: unloaded again, the next call retries
+                self._index.index = None
+                raise
+        return self._index
+
     def _sync(self) -> None:
-        """Bring the index to the catalog's state, and take the catalog's embedder and base (caller
-        holds _mu)."""
-        st = self._index.sync(self._catalog)
+        """Take the catalog's generation, embedder and base, and bring a loaded index to its state
+        (caller holds _mu)."""
+        st = self._index.sync(self._catalog) if self._index.loaded else self._catalog.state()
+        self._gen = st.generation
         if (st.embedder_name, st.embedder_dim) != (self._emb_name, self._emb_dim):
             self._emb_name, self._emb_dim = st.embedder_name, st.embedder_dim
             self._embedder = None  # reindexed by another process: ours no longer fits
@@ -532,6 +570,8 @@ class ShardStore:
     def _persist_index(self) -> None:
         """Write the index cache. Call without _mu held (lock order: the write lock, then _mu)."""
         with self._mu:
+            if not self._index.loaded:
+                return
             state, data = self._index.image()
         with self._catalog.write_lock():
             self._index.write(state, data)

@@ -32,14 +32,15 @@ import numpy as np
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, embedder_meta,
-                      encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, decode_vectors,
+                      embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 
 CATALOG = "catalog.sqlite"
 LOCK = ".lock"
 SCHEMA_VERSION = 2
 _CHUNK = 500  # values per IN (...) list, below SQLite's limit on query parameters
+_SCAN_FROM = 4096  # vectors() of more rows than this may scan the table instead
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -194,9 +195,16 @@ class SqliteCatalog(Catalog):
                 rows = self._select_in(f"SELECT {_COLS} FROM shards WHERE id IN ({{}})", list(ids))
         return [decode_row(r) for r in rows]
 
-    def ids(self, after: int = 0) -> dict[int, str]:
+    def fids(self, after: int = 0) -> np.ndarray:
         with self._mu:
-            return dict(self._conn.execute("SELECT fid, id FROM shards WHERE fid > ?", (after,)))
+            rows = self._conn.execute("SELECT fid FROM shards WHERE fid > ? ORDER BY fid", (after,)).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def ids(self, fids: Sequence[int] | None = None) -> dict[int, str]:
+        with self._mu:
+            if fids is None:
+                return dict(self._conn.execute("SELECT fid, id FROM shards"))
+            return dict(self._select_in("SELECT fid, id FROM shards WHERE fid IN ({})", [int(f) for f in fids]))
 
     def count(self) -> int:
         with self._mu:
@@ -204,14 +212,15 @@ class SqliteCatalog(Catalog):
 
     def vectors(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         with self._mu:
-            if len(fids) * 4 > self.count():  # most rows are wanted: one scan beats many IN lists
+            # most rows wanted (a rebuild): one scan beats many IN lists. A search's few hundred
+            # candidates never pay for the count (O(n) in SQLite).
+            if len(fids) > _SCAN_FROM and len(fids) * 4 > self.count():
                 want = set(fids)
                 rows = [(f, e) for f, e in self._conn.execute("SELECT fid, embedding FROM shards")
                         if f in want]
             else:
                 rows = self._select_in("SELECT fid, embedding FROM shards WHERE fid IN ({})", list(fids))
-        vecs = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
-        return np.ascontiguousarray(vecs), np.asarray([f for f, _ in rows], dtype=np.int64)
+        return decode_vectors(rows)
 
     def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._mu:
