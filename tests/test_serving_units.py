@@ -481,3 +481,32 @@ def test_engine_stats_reach_the_file_after_a_burst(tmp_path):
     while read_engine_stats(str(tmp_path)).get("prepared") != 5 and time.monotonic() - t < 5:
         time.sleep(0.05)
     assert read_engine_stats(str(tmp_path))["prepared"] == 5
+
+
+def test_engine_stats_never_raise(tmp_path):
+    """Counters updated from many threads at once, and a run directory that went away: the file is
+    written one writer at a time, and a write that fails costs the metrics, never the caller."""
+    import shutil
+    import threading
+
+    from wrag_vllm.serving.metrics import EngineStats, read_engine_stats
+
+    st = EngineStats(str(tmp_path / "run"), "engine")
+    errors = []
+
+    def hammer():
+        try:
+            for i in range(200):
+                st.composition(0.001, hit=bool(i % 2))
+                st.flush(force=i % 7 == 0)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    st.flush(force=True)
+    assert errors == [] and read_engine_stats(str(tmp_path / "run"))["composition_count"] == 1600
+    shutil.rmtree(tmp_path / "run")
+    st.prepared(0.1, 1)
+    st.flush(force=True)  # the folder is gone: no exception

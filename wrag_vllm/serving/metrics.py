@@ -18,11 +18,13 @@ names (multiprocess_mode "mostrecent") that the middleware sets on each GET /met
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
 
+log = logging.getLogger("vllm.wrag")
 _FRONT = None
 _LOCK = threading.Lock()
 
@@ -37,8 +39,10 @@ class EngineStats:
                   "composition_cache_misses": 0, "prepare_seconds_sum": 0.0, "prepared": 0,
                   "pool_evictions": 0, "pool_loads": 0}
         self._last = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # the counters and the pending write
+        self._write_lock = threading.Lock()  # one write of the file at a time
         self._later: threading.Timer | None = None
+        self._warned = False
 
     def _flush_later(self) -> None:
         with self._lock:
@@ -65,21 +69,31 @@ class EngineStats:
 
     def flush(self, force: bool = False) -> None:
         """Write the counters, at most every 0.5 s unless forced; a skipped write happens 0.5 s later
-        (so the last counts of a burst reach the file even if nothing follows)."""
-        now = time.monotonic()
-        if not force and now - self._last < 0.5:
+        (so the last counts of a burst reach the file even if nothing follows). Writes are serialised
+        (threads of one process share the temp file) and never raise: a metrics file that cannot be
+        written (the run directory removed at shutdown, a full disk) costs the metrics, never the
+        engine."""
+        with self._write_lock:
+            now = time.monotonic()
+            if not force and now - self._last < 0.5:
+                with self._lock:
+                    if self._later is None:
+                        self._later = threading.Timer(0.5, self._flush_later)
+                        self._later.daemon = True
+                        self._later.start()
+                return
+            self._last = now
             with self._lock:
-                if self._later is None:
-                    self._later = threading.Timer(0.5, self._flush_later)
-                    self._later.daemon = True
-                    self._later.start()
-            return
-        self._last = now
-        with self._lock:
-            data = json.dumps(self.c)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(data)
-        os.replace(tmp, self.path)
+                data = json.dumps(self.c)
+            tmp = self.path.with_suffix(".tmp")
+            try:
+                tmp.write_text(data)
+                os.replace(tmp, self.path)
+            except OSError as e:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("WRAG: cannot write metrics file %s (%s); the engine goes on without it",
+                                self.path, e)
 
 
 def read_engine_stats(run_dir: str | None) -> dict:
