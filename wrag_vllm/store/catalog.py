@@ -113,6 +113,10 @@ class Catalog(abc.ABC):
         """The index vectors of rows `fids`: (vectors (n, dim + 1) float32, their fids (n,) int64)."""
 
     @abc.abstractmethod
+    def candidates(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """What a search rescores, in one query: vectors(fids) and the shard ids of those rows."""
+
+    @abc.abstractmethod
     def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
         """fid -> the text vectors (m, dim) float32 of those rows `fids` that have them."""
 
@@ -221,12 +225,17 @@ def encode_entry(e: Entry, vec: np.ndarray, texts: np.ndarray, added_at: str) ->
             bool(e.allow_attention), e.embed_source, added_at, f32(vec), f16(texts))
 
 
-def decode_vectors(rows: Sequence[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors (n, d) float32, fids (n,) int64) from (fid, float32 bytes) rows; (0, 0) when none."""
+def decode_vectors(rows: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, d) float32, fids (n,) int64) from (fid, float32 bytes, ...) rows; (0, 0) when none."""
     if not rows:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    vecs = np.frombuffer(b"".join(e for _, e in rows), dtype=np.float32).reshape(len(rows), -1)
-    return np.ascontiguousarray(vecs), np.asarray([f for f, _ in rows], dtype=np.int64)
+    vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+    return np.ascontiguousarray(vecs), np.asarray([r[0] for r in rows], dtype=np.int64)
+
+
+def decode_candidates(rows: Sequence[tuple[int, bytes, str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """candidates() from (fid, float32 bytes, shard id) rows."""
+    return (*decode_vectors(rows), [r[2] for r in rows])
 
 
 def decode_row(r: tuple) -> Row:

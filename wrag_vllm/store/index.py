@@ -92,29 +92,34 @@ class IndexCache:
     def fids(self) -> np.ndarray:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
-    def search(self, q: np.ndarray, k: int, catalog: Catalog) -> list[list[tuple[int, float]]]:
-        """(fid, logit) of the k best rows, best first, for each query row of q (n, d). Rows the
-        catalog no longer holds (removed by another process since the last sync) are left out."""
+    def search(self, q: np.ndarray, k: int,
+               catalog: Catalog) -> tuple[list[list[tuple[int, float]]], dict[int, str]]:
+        """(fid, logit) of the k best rows, best first, for each query row of q (n, d), and the
+        shard id of each fid returned. Rows the catalog no longer holds (removed by another process
+        since the last sync) are left out. One catalog query either way: the ids of the hits (flat),
+        or the candidates' heads with their ids (compressed)."""
         n = self.index.ntotal
         if n == 0 or k <= 0:
-            return [[] for _ in range(len(q))]
+            return [[] for _ in range(len(q))], {}
         # per call: OpenMP thread counts are per calling thread (server threads differ)
         faiss.omp_set_num_threads(FAISS_THREADS if len(q) < _BIG_BATCH else (os.cpu_count() or 1))
         r = min(n, max(RESCORE, 16 * int(k)) if self.compressed else int(k))
         approx, cand = self.index.search(q, r)
         if not self.compressed:
-            return [[(f, s) for s, f in zip(srow, frow) if f >= 0]
+            hits = [[(f, s) for s, f in zip(srow, frow) if f >= 0]
                     for srow, frow in zip(approx.tolist(), cand.tolist())]
-        heads, hf = catalog.vectors(np.unique(cand[cand >= 0]).tolist())
+            names = catalog.ids(sorted({f for row in hits for f, _ in row}))
+            return [[(f, s) for f, s in row if f in names] for row in hits], names
+        heads, hf, ids = catalog.candidates(np.unique(cand[cand >= 0]).tolist())
         if heads.shape[1] != q.shape[1]:  # every candidate removed, or reindexed to another dim, since our sync
-            return [[] for _ in range(len(q))]
+            return [[] for _ in range(len(q))], {}
         exact = q @ heads.T  # (n, |hf|)
         col = {f: j for j, f in enumerate(hf.tolist())}
         out = []
         for i, frow in enumerate(cand.tolist()):
             row = sorted(((f, float(exact[i, col[f]])) for f in frow if f in col), key=lambda t: -t[1])
             out.append(row[:k])
-        return out
+        return out, dict(zip(hf.tolist(), ids))
 
     # ------------------------------------------------------------------ keeping up with the catalog
     def sync(self, catalog: Catalog) -> CatalogState:

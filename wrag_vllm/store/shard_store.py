@@ -266,7 +266,7 @@ class ShardStore:
         if existing:
             skip = {r.fid for r in self._catalog.rows(sorted(new_ids))}  # rows an overwrite replaces
             with self._mu:
-                near = self._ready_index().search(query_rows(cents), NEIGHBOURS + len(skip), self._catalog)
+                near, _ = self._ready_index().search(query_rows(cents), NEIGHBOURS + len(skip), self._catalog)
             near_old = [[f for f, _ in row if f not in skip][:NEIGHBOURS] for row in near]
             old_texts = self._catalog.text_vectors(sorted({f for row in near_old for f in row}))
         heads = []
@@ -407,9 +407,8 @@ class ShardStore:
                 raise StoreError(f"query vectors have shape {tuple(q.shape)}, store expects (n, {self._emb_dim})")
             if not np.isfinite(q).all():
                 raise StoreError("query vector contains NaN or Inf values")
-            hits = index.search(query_rows(normalize_rows(q)), k, self._catalog)
-        names = self._catalog.ids({f for row in hits for f, _ in row})  # a row removed since: left out
-        return [[(names[f], probability(z)) for f, z in row if f in names] for row in hits]
+            hits, names = index.search(query_rows(normalize_rows(q)), k, self._catalog)
+        return [[(names[f], probability(z)) for f, z in row] for row in hits]
 
     def load_index(self) -> None:
         """Load the search index now rather than at the first search (a server, before its first

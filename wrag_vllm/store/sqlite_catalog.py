@@ -32,8 +32,8 @@ import numpy as np
 from ..embed import Embedder, get_embedder
 from ..errors import StoreError
 from ..fingerprint import BaseFingerprint
-from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_row, decode_vectors,
-                      embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
+from .catalog import (COLUMNS, INSERTED, Catalog, CatalogState, Entry, Row, decode_candidates, decode_row,
+                      decode_vectors, embedder_meta, encode_entry, f16, f32, new_meta, now_utc, state_from_meta)
 from .crash import crash_point
 
 CATALOG = "catalog.sqlite"
@@ -221,6 +221,11 @@ class SqliteCatalog(Catalog):
             else:
                 rows = self._select_in("SELECT fid, embedding FROM shards WHERE fid IN ({})", list(fids))
         return decode_vectors(rows)
+
+    def candidates(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        with self._mu:
+            rows = self._select_in("SELECT fid, embedding, id FROM shards WHERE fid IN ({})", list(fids))
+        return decode_candidates(rows)
 
     def text_vectors(self, fids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._mu:
