@@ -17,7 +17,7 @@
 #                     × 64 queries × 128 output tokens; servers: base (compiled + CUDA graphs), WRAG
 #                     (same flags, slots=128), vLLM LoRA r=8 (one adapter/request), vLLM LoRA r=32
 #                     (concatenated k=3). Four server start-ups (~60-90 s each on an H100) dominate.
-#   2. bench_memory   tiny model (fast start, eager), 10 → 10,000 registered shards; GPU memory of the
+#   2. bench_memory   tiny model (fast start, eager), 10 → 10,000 registered shards (10⁵ takes minutes to register); GPU memory of the
 #                     server processes from nvidia-smi plus Σ RSS/PSS of the process tree.
 #   3. bench_admission  in-process timing on the Llama-1B-shaped store + the /metrics of run 1.
 set -euo pipefail
@@ -47,7 +47,7 @@ timeout 440 "$PY" -m benchmarks.serving.bench_serving --model llama-1b --shards 
     --max-tokens 128 --warmup-tokens 8 --max-model-len 1024 --kv-mib 16384 --slots 128 --dtype bfloat16 \
     --out gpu-serving || rc=$?
 echo "bench_serving rc=$rc after $(( $(date +%s) - t0 )) s"
-timeout 100 "$PY" -m benchmarks.serving.bench_memory --model tiny --dtype bfloat16 --eager --clients 32 --requests 96 \
+timeout 100 "$PY" -m benchmarks.serving.bench_memory --model tiny --sizes 10,100,1000,10000 --dtype bfloat16 --eager --clients 32 --requests 96 \
     --max-tokens 64 --kv-mib 1024 --slots 64 --out gpu-memory || rc=$?
 echo "bench_memory rc=$rc after $(( $(date +%s) - t0 )) s"
 timeout 50 "$PY" -m benchmarks.serving.bench_admission --serving-json $RES/gpu-serving.json --model llama-1b \

@@ -80,7 +80,10 @@ class EngineStats:
                     if self._later is None:
                         self._later = threading.Timer(0.5, self._flush_later)
                         self._later.daemon = True
-                        self._later.start()
+                        try:
+                            self._later.start()
+                        except RuntimeError:  # no new thread (interpreter shutdown): the next flush writes
+                            self._later = None
                 return
             self._last = now
             with self._lock:
