@@ -465,6 +465,8 @@ def test_engine_metrics_in_both_prometheus_modes(tmp_path, multiprocess):
     assert values["wrag_pool_loads_total"] == 5 and values["wrag_pool_evictions_total"] == 2, values
     assert values["wrag_compositions_total"] == 2 and values["wrag_composition_cache_hits_total"] == 1
     assert values["wrag_composition_seconds_total"] == pytest.approx(0.75)
+    assert values["wrag_composition_hit_seconds_total"] == pytest.approx(0.25)
+    assert values["wrag_composition_miss_seconds_total"] == pytest.approx(0.5)
     assert values["wrag_composition_cache_hit_rate"] == pytest.approx(0.5)
 
 

@@ -9,12 +9,15 @@ What a WRAG request pays before its first token, beyond a base request:
 Two sources, reported side by side:
   1. the server's own /metrics, recorded by bench_serving.py around each WRAG configuration
      (wrag_retrieval_seconds sum/count, wrag_composition_seconds sum / wrag_compositions, cache
-     hits/misses; warm-up pass = cold compositions, measured pass = cached), next to the TTFT of the
-     same pass — read from benchmarks/results/<serving>.json;
+     hits/misses and the time of each; warm-up pass = cold compositions, measured pass = cached),
+     next to the TTFT of the same pass — read from benchmarks/results/<serving>.json;
   2. direct in-process timing of the same functions (Resolver.resolve, Preparer.prepare, compose,
      embedder.embed, store.search_vector) on a store built the same way (same model shape, S shards,
      rank r): cold (first call: composition miss, payload written) and cached (second call).
-Overhead fraction = (retrieval + preparation) / TTFT p50 of the WRAG configuration.
+Overhead fraction = (retrieval + preparation) / TTFT p50 of the WRAG configuration: with every
+composition lookup of the pass averaged in ("overhead"), and with a cached composition's cost, the
+mean over cache hits ("retrieval + cached": the target; a miss in the measured pass is a cold
+composition, reported in its own columns).
 
     .venv/bin/python -m benchmarks.serving.bench_admission            # after bench_serving.py
     .venv/bin/python -m benchmarks.serving.bench_admission --serving-json benchmarks/results/gpu-serving.json
@@ -140,14 +143,19 @@ def main(argv=None):
             ret_ms = 1e3 * m.get("wrag_retrieval_seconds_sum", 0) / n_ret if n_ret else float("nan")
             n_c = m.get("wrag_compositions_total", 0) or 0
             comp_ms = 1e3 * m.get("wrag_composition_seconds_total", 0) / n_c if n_c else 0.0
+            hits = int(m.get("wrag_composition_cache_hits_total", 0))
+            misses = int(m.get("wrag_composition_cache_misses_total", 0))
+            hit_ms = 1e3 * m.get("wrag_composition_hit_seconds_total", 0) / hits if hits else 0.0
+            miss_ms = 1e3 * m.get("wrag_composition_miss_seconds_total", 0) / misses if misses else float("nan")
             ttft = r["warmup"]["ttft_p50_ms"] if key == "metrics_warmup" else r["ttft_p50_ms"]
             over = (ret_ms + comp_ms) / ttft if ttft else float("nan")
-            server_rows.append([name, phase, ret_ms, comp_ms, int(n_c),
-                                int(m.get("wrag_composition_cache_hits_total", 0)),
-                                int(m.get("wrag_composition_cache_misses_total", 0)),
-                                int(m.get("wrag_pool_loads_total", 0)), ttft, 100 * over])
+            cached = (ret_ms + hit_ms) / ttft if ttft else float("nan")
+            server_rows.append([name, phase, ret_ms, comp_ms, int(n_c), hits, misses,
+                                int(m.get("wrag_pool_loads_total", 0)), ttft, 100 * over, hit_ms, miss_ms,
+                                100 * cached])
             if key == "metrics_measured" and name == "wrag-k3-svd":
-                targets["admission (retrieval + cached composition) / TTFT p50, wrag-k3-svd <= 5%"] = over
+                targets["admission (retrieval + cached composition) / TTFT p50, wrag-k3-svd <= 5%"] = cached
+                targets["admission with every lookup of the measured pass averaged in, wrag-k3-svd"] = over
         ip_method = "svd-centered" if method == "svd-centered" else "linear"
         ret = ip[f"resolve_{ip_method}"]["p50_ms"]
         for phase in ("cold", "cached"):
@@ -162,7 +170,7 @@ def main(argv=None):
             "base_ttft_p50_ms": base_ttft, "targets": targets}
     md = "## Server /metrics (from the serving run)\n\n" + sc.md_table(
         ["config", "pass", "retrieval ms/req", "composition ms/lookup", "lookups", "hits", "misses", "pool loads",
-         "TTFT p50 ms", "overhead % TTFT"], server_rows)
+         "TTFT p50 ms", "overhead % TTFT", "ms/hit", "ms/miss", "retrieval + cached % TTFT"], server_rows)
     md += "\n\n## In-process timing (same functions), p50\n\n" + sc.md_table(
         ["config", "composition", "resolve ms", "prepare ms", "total ms", "TTFT p50 ms (serving run)", "% TTFT"], rows)
     md += "\n\n" + sc.md_table(["component", "p50 ms", "p99 ms"],

@@ -4,7 +4,9 @@
     wrag_shards_per_request       histogram   shards applied per request
     wrag_requests_total{source}   counter     explicit | retrieved | off | none
                                               (each prompt of a completions batch counts as a request)
-    wrag_composition_seconds      gauge/sum   engine core: composition time (sum, count)
+    wrag_composition_seconds      gauge/sum   engine core: composition time (sum, count), and
+    wrag_composition_hit_seconds / _miss_seconds   the same split by cache hit (a payload already
+                                              written) and miss (a composition computed)
     wrag_composition_cache_hits / _misses     engine core
     wrag_pool_evictions_total / wrag_pool_loads_total   workers (device slot pool)
 
@@ -36,7 +38,8 @@ class EngineStats:
         self.path = Path(run_dir) / "stats" / f"{role}-{os.getpid()}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.c = {"composition_seconds_sum": 0.0, "composition_count": 0, "composition_cache_hits": 0,
-                  "composition_cache_misses": 0, "prepare_seconds_sum": 0.0, "prepared": 0,
+                  "composition_cache_misses": 0, "composition_hit_seconds_sum": 0.0,
+                  "composition_miss_seconds_sum": 0.0, "prepare_seconds_sum": 0.0, "prepared": 0,
                   "pool_evictions": 0, "pool_loads": 0}
         self._last = 0.0
         self._lock = threading.Lock()        # the counters and the pending write
@@ -54,6 +57,7 @@ class EngineStats:
             self.c["composition_seconds_sum"] += seconds
             self.c["composition_count"] += 1
             self.c["composition_cache_hits" if hit else "composition_cache_misses"] += 1
+            self.c["composition_hit_seconds_sum" if hit else "composition_miss_seconds_sum"] += seconds
         self.flush()
 
     def prepared(self, seconds: float, n_slots: int) -> None:
@@ -118,6 +122,9 @@ ENGINE_COUNTERS = [
     ("composition_count", "wrag_compositions", "WRAG compositions looked up"),
     ("composition_cache_hits", "wrag_composition_cache_hits", "WRAG composition cache hits"),
     ("composition_cache_misses", "wrag_composition_cache_misses", "WRAG composition cache misses"),
+    ("composition_hit_seconds_sum", "wrag_composition_hit_seconds", "WRAG composition time of cache hits"),
+    ("composition_miss_seconds_sum", "wrag_composition_miss_seconds",
+     "WRAG composition time of cache misses (compositions computed)"),
     ("prepare_seconds_sum", "wrag_prepare_seconds",
      "WRAG request preparation time in the engine core (store load + composition + payload)"),
     ("prepared", "wrag_prepared_requests", "WRAG requests prepared"),
