@@ -40,7 +40,6 @@ CATALOG = "catalog.sqlite"
 LOCK = ".lock"
 SCHEMA_VERSION = 2
 _CHUNK = 500  # values per IN (...) list, below SQLite's limit on query parameters
-_SCAN_FROM = 4096  # vectors() of more rows than this may scan the table instead
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -211,15 +210,8 @@ class SqliteCatalog(Catalog):
             return self._conn.execute("SELECT count(*) FROM shards").fetchone()[0]
 
     def vectors(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        with self._mu:
-            # most rows wanted (a rebuild): one scan beats many IN lists. A search's few hundred
-            # candidates never pay for the count (O(n) in SQLite).
-            if len(fids) > _SCAN_FROM and len(fids) * 4 > self.count():
-                want = set(fids)
-                rows = [(f, e) for f, e in self._conn.execute("SELECT fid, embedding FROM shards")
-                        if f in want]
-            else:
-                rows = self._select_in("SELECT fid, embedding FROM shards WHERE fid IN ({})", list(fids))
+        with self._mu:  # callers read at most index._BATCH rows at a time
+            rows = self._select_in("SELECT fid, embedding FROM shards WHERE fid IN ({})", list(fids))
         return decode_vectors(rows)
 
     def candidates(self, fids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
